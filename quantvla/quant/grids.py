@@ -1,0 +1,138 @@
+"""Quantization grids: how floats become integers and back.
+
+Weights: symmetric signed per-output-channel, q in [-2^(b-1), 2^(b-1)-1], scale chosen per row by
+an MSE search over clipping ratios. Activations: per-token dynamic or per-tensor static, symmetric
+or asymmetric (unsigned grid with a zero point, stored shifted by -2^(b-1) so it fits int8).
+
+Guarantees (tested): an element inside the grid's range is reproduced within half a step;
+an element outside it is clipped to the nearest end of the range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantvla.quant.config import ActQuantConfig, WeightQuantConfig
+
+# A row whose absolute maximum is zero (or subnormal) gets this scale, so nothing divides by 0.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
+def signed_range(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+# ---------------------------------------------------------------------------------- weights
+def quantize_weight(w: torch.Tensor, cfg: WeightQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q int8 [N, K], scale float32 [N]). The input is not modified.
+
+    For each row the scale is (ratio * max|w|) / qmax for the ratio among cfg.clip_ratios with
+    the smallest squared error; ties keep the largest ratio (least clipping).
+    """
+    qmin, qmax = signed_range(cfg.bits)
+    w64 = w.detach().to(torch.float64)
+    amax = w64.abs().amax(dim=1)
+    best_err = torch.full_like(amax, float("inf"))
+    best_scale = torch.ones_like(amax, dtype=torch.float32)
+    for ratio in cfg.clip_ratios:
+        scale = (amax * ratio / qmax).to(torch.float32).clamp_min(MIN_SCALE)
+        s64 = scale.to(torch.float64)[:, None]
+        deq = torch.round(w64 / s64).clamp_(qmin, qmax).mul_(s64)
+        err = (deq - w64).pow_(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    q = torch.round(w64 / best_scale.to(torch.float64)[:, None]).clamp_(qmin, qmax).to(torch.int8)
+    return q, best_scale
+
+
+def weight_error_allowance(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-element bound on |w - q*scale|: half a step, plus the clipped excess beyond the range."""
+    qmin, qmax = signed_range(bits)
+    w64 = w.detach().to(torch.float64)
+    s = scale.to(torch.float64)[:, None]
+    excess = (w64 - qmax * s).clamp_min(0) + (qmin * s - w64).clamp_min(0)
+    return s / 2 + excess
+
+
+# ------------------------------------------------------------------------------ activations
+@dataclass
+class QuantizedActivation:
+    """Integer activations and what it takes to read them back: x ~= scale * (q - zero)."""
+
+    q: torch.Tensor  # int8 [M, K]
+    scale: torch.Tensor  # float32 [M, 1] (per token) or [1, 1] (per tensor)
+    zero: torch.Tensor | None  # int32, same shape as scale, in the shifted (int8) domain; None if symmetric
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.q.to(torch.float32)
+        if self.zero is not None:
+            q = q - self.zero.to(torch.float32)
+        return q * self.scale
+
+
+def _asym_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and shifted zero point of an unsigned b-bit grid covering [min(lo,0), max(hi,0)]."""
+    levels = (1 << bits) - 1
+    lo = lo.clamp(max=0.0)
+    hi = hi.clamp(min=0.0)
+    scale = ((hi - lo) / levels).clamp_min(MIN_SCALE)
+    zero = torch.round(-lo / scale).clamp_(0, levels) - (1 << (bits - 1))
+    return scale.to(torch.float32), zero.to(torch.int32)
+
+
+def quantize_activation(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torch.Tensor | None = None,
+                        static_zero: torch.Tensor | None = None) -> QuantizedActivation:
+    """[M, K] float32 -> QuantizedActivation. Static (per-tensor) needs calibrated scale/zero."""
+    qmin, qmax = signed_range(cfg.bits)
+    if cfg.granularity == "per_token":
+        if cfg.symmetric:
+            amax = x.abs().amax(dim=1, keepdim=True)
+            scale = (amax / qmax).clamp_min(MIN_SCALE)
+            zero = None
+        else:
+            lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+            scale, zero = _asym_params(lo, hi, cfg.bits)
+    else:
+        if static_scale is None:
+            raise ValueError("per-tensor activation quantization needs a calibrated scale")
+        scale = static_scale.reshape(1, 1).to(torch.float32)
+        zero = None if cfg.symmetric else static_zero.reshape(1, 1).to(torch.int32)
+    # One fixed order of operations: q = clamp(round(x / scale) + zero); every backend shares it.
+    q = torch.div(x, scale).round_()
+    if zero is not None:
+        q.add_(zero)
+    q = q.clamp_(qmin, qmax).to(torch.int8)
+    return QuantizedActivation(q, scale, zero)
+
+
+def calibrate_static(x: torch.Tensor, cfg: ActQuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-tensor scale (and zero) from calibration activations [T, K] at cfg.percentile.
+
+    Uses kthvalue rather than torch.quantile, which refuses tensors of more than 2^24 elements.
+    """
+    _, qmax = signed_range(cfg.bits)
+    flat = x.detach().reshape(-1).to(torch.float32)
+
+    def pct(v: torch.Tensor, p: float) -> torch.Tensor:
+        k = min(v.numel(), max(1, int(round(p / 100.0 * v.numel()))))
+        return v.kthvalue(k).values
+
+    if cfg.symmetric:
+        scale = (pct(flat.abs(), cfg.percentile) / qmax).clamp_min(MIN_SCALE)
+        return scale.reshape(1), None
+    scale, zero = _asym_params(pct(flat, 100.0 - cfg.percentile), pct(flat, cfg.percentile), cfg.bits)
+    return scale.reshape(1), zero.reshape(1)
+
+
+def activation_error_allowance(x: torch.Tensor, qa: QuantizedActivation, bits: int) -> torch.Tensor:
+    """Per-element bound on |x - dequant(q)|: half a step plus the clipped excess beyond the range."""
+    qmin, qmax = signed_range(bits)
+    s = qa.scale.to(torch.float64)
+    z = qa.zero.to(torch.float64) if qa.zero is not None else torch.zeros_like(s)
+    lo_r, hi_r = (qmin - z) * s, (qmax - z) * s
+    x64 = x.to(torch.float64)
+    excess = (x64 - hi_r).clamp_min(0) + (lo_r - x64).clamp_min(0)
+    return s / 2 + excess

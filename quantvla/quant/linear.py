@@ -1,0 +1,183 @@
+"""QuantLinear: an nn.Linear replacement that really computes in integers.
+
+forward(x) = restore( dequant( int_gemm( quant_act( T(x) ), W_q ) ) ) + bias
+  T          the optional DuQuant transform (smoothing, rotations, permutation)
+  quant_act  per-token dynamic or per-tensor static activation grid (int8 container)
+  int_gemm   int8 x int8 -> int32, exact (kernels.py); W_q is int8 or packed int4
+  dequant    acc * s_x[m] * s_w[n] in fp32, after the zero-point correction
+             acc -= z_x[m] * sum_k W_q[n, k] for asymmetric activations
+The source nn.Linear is never modified.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantvla.errors import QuantInputError
+from quantvla.quant import grids, kernels
+from quantvla.quant.config import LinearQuantConfig
+from quantvla.quant.duquant import DuQuantTransform
+from quantvla.quant.packing import pack_int4, unpack_int4
+
+# int32 accumulator headroom: K * max|x_q - z| * max|w_q| must stay below 2^31.
+ACC_LIMIT = 2**31 - 1
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: LinearQuantConfig,
+                 name: str = ""):
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise QuantInputError(f"layer {name or '?'}: empty weight ({out_features} x {in_features})")
+        self.in_features, self.out_features = in_features, out_features
+        self.config = config
+        self.name = name
+        wb, ab = config.weight.bits, config.act.bits
+        x_span = (1 << ab) - 1 if not config.act.symmetric else 1 << (ab - 1)
+        if in_features * x_span * (1 << (wb - 1)) > ACC_LIMIT:
+            raise QuantInputError(f"layer {self.name_for_errors}: in_features={in_features} overflows the int32 "
+                                  f"accumulator at {config.tag}; split the layer or use fewer bits")
+        if wb <= 4:
+            self.register_buffer("qweight", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features))
+        # sum_k W_q[n, k], needed only to correct for an asymmetric activation zero point
+        self.register_buffer("w_sum", None if config.act.symmetric else torch.zeros(out_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        static = config.act.granularity == "per_tensor"
+        self.register_buffer("act_scale", torch.ones(1) if static else None)
+        self.register_buffer("act_zero", torch.zeros(1, dtype=torch.int32) if static and not config.act.symmetric
+                             else None)
+        self.transform = (DuQuantTransform(in_features, out_features, config.transform)
+                          if config.transform is not None else None)
+
+    @property
+    def name_for_errors(self) -> str:
+        return self.name or f"QuantLinear({self.in_features}->{self.out_features})"
+
+    # ---------------------------------------------------------------------- construction
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, config: LinearQuantConfig, calib: torch.Tensor | None = None,
+                    name: str = "") -> "QuantLinear":
+        """Quantize `linear` (left untouched). `calib` [T, in_features] are calibration activations,
+        needed for static activation scales and for the DuQuant smoothing / greedy rotations."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config, name)
+        where = layer.name_for_errors
+        if w.dim() != 2 or w.shape != (linear.out_features, linear.in_features):
+            raise QuantInputError(f"layer {where}: weight has shape {tuple(w.shape)}, expected "
+                                  f"({linear.out_features}, {linear.in_features})")
+        if not w.is_floating_point():
+            raise QuantInputError(f"layer {where}: weight dtype {w.dtype} is not floating point")
+        if not torch.isfinite(w).all():
+            raise QuantInputError(f"layer {where}: weight contains NaN or Inf; fix the checkpoint before quantizing")
+        if linear.bias is not None and not torch.isfinite(linear.bias).all():
+            raise QuantInputError(f"layer {where}: bias contains NaN or Inf")
+        if calib is not None:
+            calib = layer._check_input(calib, "calibration activations").reshape(-1, linear.in_features)
+        layer.to(w.device)
+        w_t = w.detach().to(torch.float64)
+        if layer.transform is not None:
+            w_t = layer.transform.fit(w_t, calib).fold_weight(w_t)
+        q, scale = grids.quantize_weight(w_t, config.weight)
+        layer.qweight.copy_(pack_int4(q) if config.weight.bits <= 4 else q)
+        layer.w_scale.copy_(scale)
+        if layer.w_sum is not None:
+            layer.w_sum.copy_(q.to(torch.int32).sum(dim=1))
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach().to(torch.float32))
+        if layer.act_scale is not None:
+            if calib is None:
+                raise QuantInputError(f"layer {where}: per-tensor activation quantization needs calibration "
+                                      "activations (calib=[T, in_features]); or use granularity='per_token'")
+            x_t = calib.to(torch.float32)
+            if layer.transform is not None:
+                x_t = layer.transform.apply_act(x_t)
+            s, z = grids.calibrate_static(x_t, config.act)
+            layer.act_scale.copy_(s)
+            if z is not None:
+                layer.act_zero.copy_(z)
+        return layer
+
+    # --------------------------------------------------------------------------- runtime
+    def _check_input(self, x: torch.Tensor, what: str = "input") -> torch.Tensor:
+        where = self.name_for_errors
+        if not isinstance(x, torch.Tensor):
+            raise QuantInputError(f"layer {where}: {what} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise QuantInputError(f"layer {where}: {what} dtype {x.dtype} is not floating point; "
+                                  "pass float32, float16 or bfloat16")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise QuantInputError(f"layer {where}: {what} has shape {tuple(x.shape)}, expected (..., "
+                                  f"{self.in_features})")
+        if x.numel() == 0:
+            raise QuantInputError(f"layer {where}: {what} is empty (shape {tuple(x.shape)})")
+        return x
+
+    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, grids.QuantizedActivation]:
+        """[M, K] fp32 -> (transformed activations, their integer form)."""
+        if self.transform is not None:
+            x2 = self.transform.apply_act(x2)
+        qa = grids.quantize_activation(x2, self.config.act, self.act_scale, self.act_zero)
+        # Any NaN/Inf in a row makes its scale non-finite (per token), or survives the transform.
+        if not bool(torch.isfinite(qa.scale).all()) or (
+                self.act_scale is not None and not bool(torch.isfinite(x2).all())):
+            raise QuantInputError(f"layer {self.name_for_errors}: input contains NaN or Inf")
+        return x2, qa
+
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        x = self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        _, qa = self.quantize_input(x2)
+        acc = kernels.int_linear(qa.q, self.qweight, self.in_features, self.config.weight.bits,
+                                 backend or self.config.backend)
+        if qa.zero is not None:
+            acc.sub_(qa.zero * self.w_sum)
+        # fixed epilogue order, shared by every backend: ((acc * s_x) * s_w) (restore) + bias
+        y = acc.to(torch.float32).mul_(qa.scale).mul_(self.w_scale)
+        if self.transform is not None:
+            y = self.transform.restore_output(y)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    # ---------------------------------------------------------------------- inspection
+    def int_weight(self) -> torch.Tensor:
+        """The integer weight as int8 [N, K] (unpacked for int4)."""
+        if self.config.weight.bits <= 4:
+            return unpack_int4(self.qweight, self.in_features)
+        return self.qweight
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W_q * s_w in the transformed basis, float32 [N, K]."""
+        return self.int_weight().to(torch.float32) * self.w_scale[:, None]
+
+    @property
+    def nbytes(self) -> dict[str, int]:
+        """Exact bytes this layer stores (its state_dict), by part, plus 'total'."""
+        parts = {name: t.numel() * t.element_size() for name, t in self.state_dict().items()}
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def footprint(self) -> dict[str, int]:
+        """Storage (what is saved and loaded) and resident (what stays alive between calls) bytes.
+
+        They are equal: no unpacked weight, prepacked copy or rotation matrix is cached; W4 weights
+        are unpacked tile by tile into a per-thread scratch shared by all layers
+        (kernels.scratch_nbytes(), at most kernels.CPU_SCRATCH_BYTES)."""
+        storage = self.nbytes["total"]
+        resident = sum(t.numel() * t.element_size() for t in list(self.buffers()) + list(self.parameters()))
+        return {"storage": storage, "resident": resident}
+
+    def extra_repr(self) -> str:
+        c = self.config
+        act = f"{c.act.granularity}-{'sym' if c.act.symmetric else 'asym'}"
+        packed = ", int4-packed" if c.weight.bits <= 4 else ""
+        name = f"name={self.name}, " if self.name else ""
+        return (f"{name}in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {c.tag}{packed}, act={act}, backend={c.backend}, "
+                f"bytes={self.nbytes['total']}")
