@@ -75,7 +75,7 @@ def _householder_chain(idx: torch.Tensor, size: int, dtype: torch.dtype, device)
     return r
 
 
-def _apply_blocks(x: torch.Tensor, layout: BlockLayout, full: torch.Tensor, rem: torch.Tensor) -> torch.Tensor:
+def apply_blocks(x: torch.Tensor, layout: BlockLayout, full: torch.Tensor, rem: torch.Tensor) -> torch.Tensor:
     """x [M, K] times the block-diagonal matrix diag(full[0], ..., full[n-1], rem)."""
     m = x.shape[0]
     nf, b = layout.n_full, layout.size
@@ -119,12 +119,12 @@ class BlockRotation(nn.Module):
         return full, rem
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return _apply_blocks(x, self.layout, *self.matrices(x.dtype))
+        return apply_blocks(x, self.layout, *self.matrices(x.dtype))
 
     def apply_inverse(self, w: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """w times blockdiag(R)^-1 (or R^-T), in w's dtype (use float64 when folding)."""
         full, rem = self.matrices(w.dtype)
-        return _apply_blocks(w, self.layout, _inv(full, transpose), _inv(rem, transpose))
+        return apply_blocks(w, self.layout, _inv(full, transpose), _inv(rem, transpose))
 
     def extra_repr(self) -> str:
         lay = self.layout

@@ -16,6 +16,9 @@ import torch
 
 from quantvla.quant.config import ActQuantConfig, WeightQuantConfig
 
+# Float rounding in x / scale and in the scale itself: a few units of fp32 roundoff of |x|.
+ROUNDING = 4 * 2.0**-24
+
 # A row whose absolute maximum is zero (or subnormal) gets this scale, so nothing divides by 0.
 MIN_SCALE = torch.finfo(torch.float32).tiny
 
@@ -49,12 +52,13 @@ def quantize_weight(w: torch.Tensor, cfg: WeightQuantConfig) -> tuple[torch.Tens
 
 
 def weight_error_allowance(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-element bound on |w - q*scale|: half a step, plus the clipped excess beyond the range."""
+    """Per-element bound on |w - q*scale|: half a step, plus the clipped excess beyond the range
+    (plus fp32 rounding of the scale)."""
     qmin, qmax = signed_range(bits)
     w64 = w.detach().to(torch.float64)
     s = scale.to(torch.float64)[:, None]
     excess = (w64 - qmax * s).clamp_min(0) + (qmin * s - w64).clamp_min(0)
-    return s / 2 + excess
+    return s / 2 + excess + ROUNDING * w64.abs()
 
 
 # ------------------------------------------------------------------------------ activations
@@ -128,11 +132,12 @@ def calibrate_static(x: torch.Tensor, cfg: ActQuantConfig) -> tuple[torch.Tensor
 
 
 def activation_error_allowance(x: torch.Tensor, qa: QuantizedActivation, bits: int) -> torch.Tensor:
-    """Per-element bound on |x - dequant(q)|: half a step plus the clipped excess beyond the range."""
+    """Per-element bound on |x - dequant(q)|: half a step plus the clipped excess beyond the range
+    (plus fp32 rounding of x / scale and of the zero point's position)."""
     qmin, qmax = signed_range(bits)
     s = qa.scale.to(torch.float64)
     z = qa.zero.to(torch.float64) if qa.zero is not None else torch.zeros_like(s)
     lo_r, hi_r = (qmin - z) * s, (qmax - z) * s
     x64 = x.to(torch.float64)
     excess = (x64 - hi_r).clamp_min(0) + (lo_r - x64).clamp_min(0)
-    return s / 2 + excess
+    return s / 2 + excess + ROUNDING * x64.abs()

@@ -62,8 +62,17 @@ def int_linear(qx: torch.Tensor, qweight: torch.Tensor, k: int, weight_bits: int
         w = unpack_int4(qweight, k) if packed else qweight
         return _reference(qx, w)
     if not packed:
-        return torch._int_mm(qx, qweight.t())
-    return _cpu_int4(qx, qweight, k)
+        return _cpu_int_mm(qx, qweight)
+    return cpu_int4_mm(qx, qweight)
+
+
+def _cpu_int_mm(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm on the transposed view of the [N, K] weight (the fast form on CPU).
+
+    torch 2.13's CPU _int_mm returns garbage for K == 1 with N > 1; a zero column keeps it exact."""
+    if qx.shape[1] == 1:
+        qx, w = F.pad(qx, (0, 1)), F.pad(w, (0, 1))
+    return torch._int_mm(qx, w.t())
 
 
 def _reference(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -71,14 +80,15 @@ def _reference(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc.to(torch.int32)
 
 
-def _cpu_int4(qx: torch.Tensor, packed: torch.Tensor, k: int) -> torch.Tensor:
+def cpu_int4_mm(qx: torch.Tensor, packed: torch.Tensor, tile_bytes: int | None = None) -> torch.Tensor:
+    """qx [M, K] int8 times packed int4 [N, ceil(K/2)]^T, unpacking tile_bytes of weight at a time."""
     m, n, half = qx.shape[0], packed.shape[0], packed.shape[1]
     x_lo = qx[:, :half].contiguous()
     x_hi = qx[:, half:]
     if x_hi.shape[1] < half:  # odd K: the last high nibble is padding (0); give it a zero activation
         x_hi = F.pad(x_hi, (0, half - x_hi.shape[1]))
     x_hi = x_hi.contiguous()
-    rows = max(1, min(n, CPU_SCRATCH_BYTES // (2 * half)))
+    rows = max(1, min(n, (tile_bytes or CPU_SCRATCH_BYTES) // (2 * half)))
     scratch = _scratch(2 * rows * half)
     out = torch.empty(m, n, dtype=torch.int32)
     for start in range(0, n, rows):
@@ -86,7 +96,7 @@ def _cpu_int4(qx: torch.Tensor, packed: torch.Tensor, k: int) -> torch.Tensor:
         r = stop - start
         lo, hi = unpack_int4_halves(packed[start:stop], scratch[: r * half].view(r, half),
                                     scratch[r * half: 2 * r * half].view(r, half))
-        torch.add(torch._int_mm(x_lo, lo.t()), torch._int_mm(x_hi, hi.t()), out=out[:, start:stop])
+        torch.add(_cpu_int_mm(x_lo, lo), _cpu_int_mm(x_hi, hi), out=out[:, start:stop])
     return out
 
 
@@ -145,8 +155,9 @@ def _self_test() -> bool:
         (torch.full((32, 2048), 127, dtype=torch.int8), torch.full((64, 2048), 127, dtype=torch.int8)),
         (torch.full((32, 2048), -128, dtype=torch.int8), torch.full((64, 2048), -128, dtype=torch.int8)),
         (torch.full((1, 3), -128, dtype=torch.int8), torch.full((5, 3), 127, dtype=torch.int8)),
+        (torch.full((3, 1), -7, dtype=torch.int8), torch.full((2, 1), 5, dtype=torch.int8)),
     ]
     try:
-        return all(torch.equal(torch._int_mm(a, b.t()), _reference(a, b)) for a, b in probes)
+        return all(torch.equal(_cpu_int_mm(a, b), _reference(a, b)) for a, b in probes)
     except RuntimeError:
         return False
