@@ -1,0 +1,158 @@
+"""QuantLinear: (c) output within the analytic bound, (f) the source nn.Linear untouched,
+state_dict round trip, exact byte accounting, clear errors."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from quantvla.errors import QuantInputError
+from quantvla.quant.bounds import output_error_bound
+from quantvla.quant.config import ActQuantConfig, DuQuantConfig, LinearQuantConfig, WeightQuantConfig
+from quantvla.quant.linear import QuantLinear
+
+from .strategies import float_matrices
+
+layer_configs = st.builds(
+    LinearQuantConfig,
+    weight=st.builds(WeightQuantConfig, bits=st.integers(2, 8)),
+    act=st.builds(ActQuantConfig, bits=st.sampled_from([4, 8]), granularity=st.sampled_from(["per_token", "per_tensor"]),
+                  symmetric=st.booleans()),
+    transform=st.one_of(st.none(), st.builds(DuQuantConfig, block_size=st.sampled_from([4, 16, 64]),
+                                             rotation=st.sampled_from(["greedy", "svd"]))),
+)
+
+
+def make_linear(k, n, seed, bias=True, scale=1.0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(scale)
+    return lin
+
+
+@given(x=float_matrices(rows=st.integers(1, 16), cols=st.integers(2, 96)), n=st.integers(1, 48),
+       cfg=layer_configs, seed=st.integers(0, 1000), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       wscale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_output_within_analytic_bound(x, n, cfg, seed, dtype, wscale):
+    lin = make_linear(x.shape[1], n, seed, scale=wscale)
+    before = copy.deepcopy(lin.state_dict())
+    layer = QuantLinear.from_linear(lin, cfg, calib=x, name="probe")
+    xin = x.to(dtype)
+    ref, bound = output_error_bound(layer, lin.weight, xin, lin.bias)
+    err = (layer(xin).to(torch.float64) - ref).abs()
+    assert (err <= bound).all(), float((err / bound).max())
+    # (f) the source layer is untouched, values and storage
+    for key, t in lin.state_dict().items():
+        assert torch.equal(t, before[key])
+
+
+@given(x=float_matrices(rows=st.integers(1, 20), cols=st.integers(1, 90)), n=st.integers(1, 40),
+       cfg=layer_configs, seed=st.integers(0, 1000))
+def test_backends_bit_identical_end_to_end(x, n, cfg, seed):
+    lin = make_linear(x.shape[1], n, seed)
+    layer = QuantLinear.from_linear(lin, cfg, calib=x)
+    assert torch.equal(layer(x, backend="cpu"), layer(x, backend="reference"))
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4"])
+@pytest.mark.parametrize("rotation", [None, "greedy", "svd"])
+def test_state_dict_round_trip(bits, rotation):
+    from quantvla.quant.config import linear_config
+    cfg = linear_config(bits, transform=DuQuantConfig(rotation=rotation) if rotation else None)
+    x = torch.randn(40, 96)
+    lin = make_linear(96, 33, 0)
+    layer = QuantLinear.from_linear(lin, cfg, calib=x, name="a")
+    fresh = QuantLinear(96, 33, True, cfg, name="b")
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), layer(x))
+    assert fresh.nbytes == layer.nbytes
+
+
+def test_w4_bytes_at_most_027_of_fp16_with_transform():
+    k = n = 2048
+    lin = make_linear(k, n, 0, bias=False)
+    cfg = LinearQuantConfig(WeightQuantConfig(bits=4, clip_ratios=(1.0, 0.9)), ActQuantConfig(bits=8),
+                            DuQuantConfig())
+    layer = QuantLinear.from_linear(lin, cfg, calib=torch.randn(64, k))
+    parts = layer.nbytes
+    fp16 = n * k * 2
+    assert parts["qweight"] == n * k // 2
+    assert parts["total"] == sum(v for key, v in parts.items() if key != "total")
+    assert parts["total"] <= 0.27 * fp16, parts
+    footprint = layer.footprint()
+    assert footprint["resident"] == footprint["storage"]  # no cache kept alive between calls
+
+
+def test_nbytes_counts_every_buffer():
+    layer = QuantLinear(10, 6, True, LinearQuantConfig(WeightQuantConfig(bits=8), ActQuantConfig()))
+    assert layer.nbytes == {"qweight": 60, "w_scale": 24, "w_sum": 24, "bias": 24, "total": 132}
+
+
+def test_extra_repr_is_readable():
+    layer = QuantLinear(16, 8, False, LinearQuantConfig(), name="lm.layers.0.mlp.up_proj")
+    text = repr(layer)
+    assert "name=lm.layers.0.mlp.up_proj" in text and "w4a8" in text and "int4-packed" in text
+
+
+class TestBadInput:
+    layer = QuantLinear.from_linear(make_linear(8, 4, 0), LinearQuantConfig(), name="blk.3.fc1")
+
+    @pytest.mark.parametrize("x, match", [
+        (torch.zeros(2, 8, dtype=torch.int32), "not floating point"),
+        (torch.zeros(2, 7), r"expected \(\.\.\., 8\)"),
+        (torch.zeros(0, 8), "is empty"),
+        (torch.tensor([[float("nan")] * 8]), "NaN or Inf"),
+        (torch.tensor([[float("inf")] + [0.0] * 7]), "NaN or Inf"),
+    ])
+    def test_bad_activations(self, x, match):
+        with pytest.raises(QuantInputError, match=match) as info:
+            self.layer(x)
+        assert "blk.3.fc1" in str(info.value)
+
+    def test_nan_in_weight(self):
+        lin = make_linear(8, 4, 0)
+        with torch.no_grad():
+            lin.weight[1, 2] = float("nan")
+        with pytest.raises(QuantInputError, match="layer fc: weight contains NaN or Inf"):
+            QuantLinear.from_linear(lin, LinearQuantConfig(), name="fc")
+
+    def test_bad_bits(self):
+        with pytest.raises(QuantInputError, match="2..8"):
+            LinearQuantConfig(WeightQuantConfig(bits=9))
+
+    def test_static_scale_needs_calibration(self):
+        cfg = LinearQuantConfig(act=ActQuantConfig(granularity="per_tensor"))
+        with pytest.raises(QuantInputError, match="layer fc: per-tensor .* needs calibration"):
+            QuantLinear.from_linear(make_linear(8, 4, 0), cfg, name="fc")
+
+    def test_empty_weight(self):
+        with pytest.raises(QuantInputError, match="empty weight"):
+            QuantLinear.from_linear(nn.Linear(0, 4), LinearQuantConfig(), name="fc")
+
+    def test_calibration_of_wrong_width(self):
+        with pytest.raises(QuantInputError, match="calibration activations has shape"):
+            QuantLinear.from_linear(make_linear(8, 4, 0), LinearQuantConfig(), calib=torch.randn(3, 5), name="fc")
+
+
+def test_bound_catches_a_broken_layer():
+    """The worst-case bound fails gross breakage: a dequantization scale off by 2x, or the nibbles
+    of the packed weight read in the wrong order. (It is a worst-case bound, about 5x the typical
+    error, so it does not catch a 10% scale drift; the golden statistics are for that.)"""
+    lin = make_linear(64, 32, 1)
+    x = torch.randn(16, 64)
+    layer = QuantLinear.from_linear(lin, LinearQuantConfig(), calib=x)
+    ref, bound = output_error_bound(layer, lin.weight, x, lin.bias)
+    assert ((layer(x).double() - ref).abs() <= bound).all()
+    broken = copy.deepcopy(layer)
+    with torch.no_grad():
+        broken.w_scale.mul_(2.0)
+    assert not ((broken(x).double() - ref).abs() <= bound).all()
+    swapped = copy.deepcopy(layer)
+    with torch.no_grad():
+        p = swapped.qweight
+        p.copy_((p >> 4) | (p << 4))
+    assert not ((swapped(x).double() - ref).abs() <= bound).all()
