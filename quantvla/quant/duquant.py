@@ -119,10 +119,41 @@ class BlockRotation(nn.Module):
         return full, rem
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] times blockdiag(R)."""
+        if self.kind == "householder":
+            return self._reflect(x)
         return apply_blocks(x, self.layout, *self.matrices(x.dtype))
+
+    def _reflect(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the reflections one by one: x_b <- x_b - c (x_b . v) v^T, v = e_j - u 1, u = 1/sqrt(b).
+        Each step is O(M K), against O(M K b) for the dense block product (and no matrix to build)."""
+        lay = self.layout
+        m = x.shape[0]
+        out = x.clone()
+        groups = [(out[:, : lay.n_full * lay.size].view(m, lay.n_full, lay.size), self.index[: lay.n_full], lay.size)]
+        if lay.rem:
+            groups.append((out[:, lay.n_full * lay.size:].view(m, 1, lay.rem), self.index[lay.n_full:], lay.rem))
+        for view, index, size in groups:
+            if size < 2:
+                continue
+            u = 1.0 / math.sqrt(size)
+            coef = 2.0 / (2.0 - 2.0 * u)
+            for step in range(index.shape[1]):
+                j = index[:, step].long()
+                active = j >= 0
+                if not bool(active.any()):
+                    break  # the best prefixes are left-aligned: later steps are empty too
+                jj = j.clamp_min(0)[None, :, None].expand(m, -1, 1)
+                d = view.gather(2, jj).squeeze(2) - u * view.sum(dim=2)  # x_b . v, [m, blocks]
+                d = d * (coef * active.to(x.dtype))
+                view.add_((u * d)[:, :, None])
+                view.scatter_add_(2, jj, -d[:, :, None])
+        return out
 
     def apply_inverse(self, w: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """w times blockdiag(R)^-1 (or R^-T), in w's dtype (use float64 when folding)."""
+        if self.kind == "householder" and transpose:
+            return self._reflect(w)  # R is orthogonal: R^-T = R
         full, rem = self.matrices(w.dtype)
         return apply_blocks(w, self.layout, _inv(full, transpose), _inv(rem, transpose))
 

@@ -1,0 +1,67 @@
+"""Command line: python -m quantvla <command> ...
+
+  bench kernels   QuantLinear (W8A8, W4A8, W4A4) against fp32/bf16 F.linear, ratios in one run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _bench_kernels(args) -> int:
+    import torch
+
+    from quantvla.bench import kernels
+    from quantvla.quant.kernels import cpu_kernel_ok
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ms = tuple(args.m) if args.m else kernels.DEFAULT_M
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, int8 CPU kernel exact: {cpu_kernel_ok()}")
+    rows = kernels.run(ms=ms, min_rounds=args.rounds, with_transform=not args.no_transform)
+    print(kernels.as_table(rows))
+    if args.json:
+        write_json_atomic(Path(args.json), {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                            "rows": kernels.as_dicts(rows)})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quantvla", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="benchmarks, ratios measured side by side in one run")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+    k = bench_sub.add_parser("kernels", help="QuantLinear vs F.linear")
+    k.add_argument("--m", type=int, nargs="+", help="token counts (default 1 64 512)")
+    k.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per shape (default 7)")
+    k.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    k.add_argument("--no-transform", action="store_true", help="skip the W4A8+DuQuant row")
+    k.add_argument("--json", help="also write the rows to this JSON file")
+    k.set_defaults(func=_bench_kernels)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""QuantLinear end to end against fp32 and bf16 F.linear, measured side by side.
+
+For every shape, all candidates run in interleaved rounds (fp32, bf16, W8A8, W4A8, ... then again)
+and each keeps its median, so a burst of load from another process hits all of them alike.
+Ratios are fp32 time / candidate time: > 1 means the candidate is faster.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantvla.quant.config import ActQuantConfig, DuQuantConfig, LinearQuantConfig, WeightQuantConfig
+from quantvla.quant.linear import QuantLinear
+
+DEFAULT_M = (1, 64, 512)
+DEFAULT_KN = ((2048, 2048), (2048, 16384), (16384, 2048))
+
+
+@dataclass
+class KernelRow:
+    m: int
+    k: int
+    n: int
+    name: str
+    ms: float
+    vs_fp32: float
+    vs_bf16: float
+
+
+def _config(wbits: int, abits: int, transform: bool) -> LinearQuantConfig:
+    # One clip ratio: the MSE search changes the values, not the speed, and is slow on big weights.
+    return LinearQuantConfig(WeightQuantConfig(bits=wbits, clip_ratios=(1.0,)), ActQuantConfig(bits=abits),
+                             DuQuantConfig() if transform else None)
+
+
+def _time_interleaved(fns: dict, min_rounds: int, min_seconds: float) -> dict[str, float]:
+    for fn in fns.values():  # warm-up (oneDNN JIT, allocator)
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() - start < min_seconds:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+
+@torch.no_grad()
+def run(ms=DEFAULT_M, kns=DEFAULT_KN, with_transform: bool = True, min_rounds: int = 7,
+        min_seconds: float = 0.5, seed: int = 0, log=print) -> list[KernelRow]:
+    rows: list[KernelRow] = []
+    gen = torch.Generator().manual_seed(seed)
+    for k, n in kns:
+        lin = nn.Linear(k, n, bias=False)
+        lin.weight.copy_(torch.randn(n, k, generator=gen) * k**-0.5)
+        w32 = lin.weight
+        w16 = w32.to(torch.bfloat16)
+        calib = torch.randn(64, k, generator=gen)
+        layers = {"W8A8": QuantLinear.from_linear(lin, _config(8, 8, False)),
+                  "W4A8": QuantLinear.from_linear(lin, _config(4, 8, False)),
+                  "W4A4": QuantLinear.from_linear(lin, _config(4, 4, False))}
+        if with_transform:
+            layers["W4A8+DuQuant"] = QuantLinear.from_linear(lin, _config(4, 8, True), calib=calib)
+        for m in ms:
+            x = torch.randn(m, k, generator=gen)
+            x16 = x.to(torch.bfloat16)
+            fns = {"fp32 F.linear": lambda: F.linear(x, w32), "bf16 F.linear": lambda: F.linear(x16, w16)}
+            fns.update({name: (lambda layer=layer: layer(x)) for name, layer in layers.items()})
+            med = _time_interleaved(fns, min_rounds, min_seconds)
+            for name, t in med.items():
+                row = KernelRow(m, k, n, name, round(t, 4), round(med["fp32 F.linear"] / t, 2),
+                                round(med["bf16 F.linear"] / t, 2))
+                rows.append(row)
+            log(f"  M={m:<4} K={k:<6} N={n:<6} " + "  ".join(f"{r.name} {r.ms:.3f}ms ({r.vs_fp32}x)"
+                                                             for r in rows[-len(med):]))
+    return rows
+
+
+def as_table(rows: list[KernelRow]) -> str:
+    from tabulate import tabulate
+    return tabulate([asdict(r) for r in rows], headers="keys", floatfmt=".3f")
+
+
+def as_dicts(rows: list[KernelRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
