@@ -1,0 +1,45 @@
+"""Integer kernels on this machine: every backend bit-identical to the int64 oracle, with the
+operands that break broken kernels (saturating all-max products, K = 1, odd shapes)."""
+
+from __future__ import annotations
+
+import torch
+
+from pytest_quantvla.collect import CheckFailed
+from quantvla.quant import kernels
+from quantvla.quant.packing import pack_int4
+
+
+def _probe_operands(seed: int, wbits: int):
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = -(1 << (wbits - 1)), (1 << (wbits - 1)) - 1
+    shapes = [(1, 1, 5), (3, 7, 2), (17, 129, 33), (64, 2048, 96), (5, 16384, 8)]
+    for m, k, n in shapes:
+        yield f"random {m}x{k}x{n}", (torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8),
+                                      torch.randint(lo, hi + 1, (n, k), generator=gen, dtype=torch.int8))
+        yield f"all-min {m}x{k}x{n}", (torch.full((m, k), -128, dtype=torch.int8),
+                                       torch.full((n, k), lo, dtype=torch.int8))
+
+
+def _exact(backend: str, wbits: int, seed: int, device: str) -> dict:
+    checked = 0
+    for what, (qx, qw) in _probe_operands(seed, wbits):
+        want = qx.long() @ qw.long().t()
+        stored = pack_int4(qw) if wbits <= 4 else qw
+        got = kernels.int_linear(qx.to(device), stored.to(device), qx.shape[1], wbits, backend).cpu()
+        if got.dtype != torch.int32 or not torch.equal(got.long(), want):
+            bad = int((got.long() != want).sum())
+            raise CheckFailed(f"backend {backend!r} W{wbits}: {bad} of {want.numel()} int32 outputs differ from "
+                              f"the int64 oracle on the {what} probe")
+        checked += 1
+    return {"probes": checked}
+
+
+def checks(run):
+    backend = "cuda" if run.device.startswith("cuda") else "cpu"
+    device = run.device
+    wbits = int(run.bits[1])
+    prefix = f"quantvla/{run.model}/{run.bits}"
+    for bits in sorted({wbits, 8}):
+        yield (f"{prefix}/kernel_exact[{backend}-w{bits}]",
+               lambda bits=bits: _exact(backend, bits, run.seed, device), ())
