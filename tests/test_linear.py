@@ -19,8 +19,8 @@ from .strategies import float_matrices
 layer_configs = st.builds(
     LinearQuantConfig,
     weight=st.builds(WeightQuantConfig, bits=st.integers(2, 8)),
-    act=st.builds(ActQuantConfig, bits=st.sampled_from([4, 8]), granularity=st.sampled_from(["per_token", "per_tensor"]),
-                  symmetric=st.booleans()),
+    act=st.builds(ActQuantConfig, bits=st.sampled_from([4, 8]),
+                  granularity=st.sampled_from(["per_token", "per_tensor"]), symmetric=st.booleans()),
     transform=st.one_of(st.none(), st.builds(DuQuantConfig, block_size=st.sampled_from([4, 16, 64]),
                                              rotation=st.sampled_from(["greedy", "svd"]))),
 )

@@ -74,8 +74,9 @@ def run(ms=DEFAULT_M, kns=DEFAULT_KN, with_transform: bool = True, min_rounds: i
         for m in ms:
             x = torch.randn(m, k, generator=gen)
             x16 = x.to(torch.bfloat16)
-            fns = {"fp32 F.linear": lambda: F.linear(x, w32), "bf16 F.linear": lambda: F.linear(x16, w16)}
-            fns.update({name: (lambda layer=layer: layer(x)) for name, layer in layers.items()})
+            fns = {"fp32 F.linear": lambda x=x, w=w32: F.linear(x, w),
+                   "bf16 F.linear": lambda x=x16, w=w16: F.linear(x, w)}
+            fns.update({name: (lambda layer=layer, x=x: layer(x)) for name, layer in layers.items()})
             med = _time_interleaved(fns, min_rounds, min_seconds)
             for name, t in med.items():
                 row = KernelRow(m, k, n, name, round(t, 4), round(med["fp32 F.linear"] / t, 2),

@@ -114,7 +114,7 @@ class LinearQuantConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LinearQuantConfig":
+    def from_dict(cls, d: dict) -> LinearQuantConfig:
         d = dict(d)
         w = WeightQuantConfig(**{**d.pop("weight", {}), })
         a = ActQuantConfig(**d.pop("act", {}))

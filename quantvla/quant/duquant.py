@@ -296,7 +296,7 @@ class DuQuantTransform(nn.Module):
 
     # -------------------------------------------------------------------------- fitting
     @torch.no_grad()
-    def fit(self, weight: torch.Tensor, calib: torch.Tensor | None) -> "DuQuantTransform":
+    def fit(self, weight: torch.Tensor, calib: torch.Tensor | None) -> DuQuantTransform:
         """Choose smoothing, rotations and permutation from the FP weight and calibration activations."""
         cfg = self.cfg
         w = weight.detach().to(torch.float64)

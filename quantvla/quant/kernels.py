@@ -49,7 +49,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def int_linear(qx: torch.Tensor, qweight: torch.Tensor, k: int, weight_bits: int, backend: str = "auto") -> torch.Tensor:
+def int_linear(qx: torch.Tensor, qweight: torch.Tensor, k: int, weight_bits: int,
+               backend: str = "auto") -> torch.Tensor:
     backend = resolve_backend(backend, qx.device)
     packed = weight_bits <= 4
     if backend == "reference":

@@ -61,7 +61,7 @@ class QuantLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, config: LinearQuantConfig, calib: torch.Tensor | None = None,
-                    name: str = "") -> "QuantLinear":
+                    name: str = "") -> QuantLinear:
         """Quantize `linear` (left untouched). `calib` [T, in_features] are calibration activations,
         needed for static activation scales and for the DuQuant smoothing / greedy rotations."""
         w = linear.weight

@@ -1,0 +1,111 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, attention with
+calibration observers, sinusoidal embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantvla.models.protocol import AttentionSite
+
+NEG_INF = -2.3819763e38  # what openpi/HF use as the masked logit
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm. Gemma style scales by (1 + weight); Qwen3 style by weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, one_plus: bool = True):
+        super().__init__()
+        self.eps, self.one_plus = eps, one_plus
+        self.weight = nn.Parameter(torch.zeros(dim) if one_plus else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float()
+        return (h * (1.0 + w if self.one_plus else w)).to(x.dtype)
+
+
+class AdaRMSNorm(nn.Module):
+    """pi0.5's adaptive RMSNorm: dense(cond) -> scale, shift, gate; no weight of its own."""
+
+    def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.dense = nn.Linear(cond_dim, 3 * dim)
+        nn.init.zeros_(self.dense.weight)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale, shift, gate = self.dense(cond).float()[:, None, :].chunk(3, dim=-1)
+        return (h * (1.0 + scale) + shift).to(x.dtype), gate.to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, HF "rotate_half" convention. x [B, H, T, D], positions [B, T]."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = positions.float()[:, None, :, None] * inv  # [B, 1, T, D/2]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+           site: AttentionSite | None = None) -> torch.Tensor:
+    """Softmax attention. q [B, H, Q, D]; k, v [B, Hkv, K, D] (KV heads shared by groups of
+    query heads); valid [B or 1, 1, Q, K] bool or None. Returns [B, Q, H*D].
+
+    Calls the site's logit observers with the pre-softmax logits (float32) and the valid mask."""
+    b, h, nq, d = q.shape
+    groups = h // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(d)
+    if site is not None and site.logit_observers:
+        mask = valid if valid is not None else torch.ones(1, 1, nq, k.shape[2], dtype=torch.bool, device=q.device)
+        for observe in site.logit_observers:
+            observe(logits, mask)
+    if valid is not None:
+        logits = logits.masked_fill(~valid, NEG_INF)
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)  # [B, H, Q, D]
+    return out.transpose(1, 2).reshape(b, nq, h * d)
+
+
+def observe_output(site: AttentionSite | None, z: torch.Tensor) -> None:
+    if site is not None:
+        for observe in site.output_observers:
+            observe(z)
+
+
+def sinusoidal(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
+    """openpi's create_sinusoidal_pos_embedding: sin/cos of t over geometric periods."""
+    frac = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
+    period = min_period * (max_period / min_period) ** frac
+    ang = t.double()[:, None] * (2 * math.pi / period)[None, :]
+    return torch.cat([ang.sin(), ang.cos()], dim=-1).float()
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
+                       downscale_freq_shift: float = 1.0, max_period: float = 10000.0) -> torch.Tensor:
+    """diffusers' get_timestep_embedding (used by GR00T's Timesteps(256, True, 1))."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    exponent = exponent / (half - downscale_freq_shift)
+    emb = t.float()[:, None] * torch.exp(exponent)[None, :]
+    emb = torch.cat([emb.sin(), emb.cos()], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    return emb
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
