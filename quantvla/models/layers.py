@@ -35,9 +35,9 @@ class AdaRMSNorm(nn.Module):
     def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
+        # openpi zero-initializes this layer for training; a random model must not, or every gate
+        # is 0 and the expert's attention and MLP never reach the actions
         self.dense = nn.Linear(cond_dim, 3 * dim)
-        nn.init.zeros_(self.dense.weight)
-        nn.init.zeros_(self.dense.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = x.float()
