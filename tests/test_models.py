@@ -37,7 +37,8 @@ def test_parameter_counts_and_roles(full_meta):
 
 def _fp16_linear_bytes(model) -> int:
     mods = dict(model.named_modules())
-    return sum(mods[n].weight.numel() * 2 for n, r in model.linear_roles().items() if r in ("llm", "dit_mlp", "dit_attn"))
+    kept = ("llm", "dit_mlp", "dit_attn")
+    return sum(mods[n].weight.numel() * 2 for n, r in model.linear_roles().items() if r in kept)
 
 
 def test_fp16_bytes_of_llm_and_dit_linears(full_meta):
