@@ -128,3 +128,21 @@ def test_fold_beta_scales_the_output_exactly(tiny):
     finally:
         site.output_observers.clear()
         tiny.load_state_dict(state)
+
+
+@pytest.mark.parametrize("family", ["pi05", "gr00t-n15"])
+def test_bf16_dtype_policy_keeps_norms_fp32_and_stays_close(family):
+    import copy
+
+    from quantvla.models.layers import apply_dtype_policy
+    torch.manual_seed(0)
+    model = build(family, "tiny")
+    low = apply_dtype_policy(copy.deepcopy(model), torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in low.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n or "embedding" in n)
+    assert any(d == torch.bfloat16 for d in dtypes.values())
+    inputs = model.example_inputs(seed=1)
+    noise = torch.randn(1, model.config.action_horizon, model.config.action_dim)
+    ref, got = model.sample_actions(inputs, noise), low.sample_actions(inputs, noise)
+    assert torch.isfinite(got).all()
+    assert float((got - ref).norm() / ref.norm()) < 0.05

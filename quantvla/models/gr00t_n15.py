@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla.models.layers import RMSNorm, attend, gelu_tanh, observe_output, rope, timestep_embedding
+from quantvla.models.layers import LayerNorm, RMSNorm, attend, gelu_tanh, observe_output, rope, timestep_embedding
 from quantvla.models.observation import ModelInputs
 from quantvla.models.protocol import AttentionSite, Role
 from quantvla.models.siglip import SiglipConfig, SiglipVisionModel
@@ -218,10 +218,10 @@ class AdaLayerNorm(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-5, elementwise_affine=False)
+        self.norm = LayerNorm(dim, eps=1e-5, elementwise_affine=False)
 
     def forward(self, x, temb):
-        scale, shift = self.linear(F.silu(temb)).chunk(2, dim=-1)
+        scale, shift = self.linear(F.silu(temb).to(self.linear.weight.dtype)).to(x.dtype).chunk(2, dim=-1)
         return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
@@ -229,9 +229,9 @@ class VLBlock(nn.Module):
     def __init__(self, c: GR00TConfig):
         super().__init__()
         d = c.llm.width
-        self.norm1 = nn.LayerNorm(d, eps=1e-5)
+        self.norm1 = LayerNorm(d, eps=1e-5)
         self.attn1 = Attention(d, c.vl_heads, c.vl_head_dim)
-        self.norm3 = nn.LayerNorm(d, eps=1e-5)
+        self.norm3 = LayerNorm(d, eps=1e-5)
         self.ff = FeedForward(d, c.vl_ff)
 
     def forward(self, x):
@@ -257,7 +257,7 @@ class DiTBlock(nn.Module):
         self.cross = cross
         self.norm1 = AdaLayerNorm(d)
         self.attn1 = Attention(d, c.dit_heads, c.dit_head_dim, kv_dim=c.llm.width if cross else None)
-        self.norm3 = nn.LayerNorm(d, eps=1e-5, elementwise_affine=False)
+        self.norm3 = LayerNorm(d, eps=1e-5, elementwise_affine=False)
         self.ff = FeedForward(d, c.dit_ff)
 
     def forward(self, x, vl, temb, site):
@@ -292,7 +292,7 @@ class DiT(nn.Module):
         self.timestep_encoder = TimestepEncoder(d)
         # interleaved: even blocks cross-attend to the VL tokens, odd blocks self-attend
         self.transformer_blocks = nn.ModuleList(DiTBlock(c, cross=(i % 2 == 0)) for i in range(c.dit_blocks))
-        self.norm_out = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
+        self.norm_out = LayerNorm(d, eps=1e-6, elementwise_affine=False)
         self.proj_out_1 = nn.Linear(d, 2 * d)
         self.proj_out_2 = nn.Linear(d, c.hidden_size)
 
@@ -352,7 +352,7 @@ class FlowmatchingActionHead(nn.Module):
     def __init__(self, c: GR00TConfig):
         super().__init__()
         d = c.dit_width
-        self.vlln = nn.LayerNorm(c.llm.width, eps=1e-5)
+        self.vlln = LayerNorm(c.llm.width, eps=1e-5)
         self.vl_self_attention = SelfAttentionTransformer(c)
         self.model = DiT(c)
         self.state_encoder = CategorySpecificMLP(c.num_embodiments, c.state_dim, c.hidden_size, d)
@@ -407,7 +407,7 @@ class GR00TN15(nn.Module):
         dt = head.future_tokens.weight.dtype
         state_feats = head.state_encoder(state[:, None].to(dt), emb_id)
         act = head.action_encoder(x_t.to(dt), t_disc, emb_id)
-        act = act + head.position_embedding.weight[: x_t.shape[1]][None]
+        act = act + head.position_embedding.weight[: x_t.shape[1]][None].to(act.dtype)
         future = head.future_tokens.weight[None].expand(b, -1, -1)
         out = head.model(torch.cat([state_feats, future, act], 1), vl, t_disc, self._sites)
         return head.action_decoder(out, emb_id)[:, -x_t.shape[1]:].float()

@@ -29,6 +29,16 @@ class RMSNorm(nn.Module):
         return (h * (1.0 + w if self.one_plus else w)).to(x.dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed in float32 whatever the input dtype (norms stay fp32 under the
+    bf16 dtype policy); same parameter names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
 class AdaRMSNorm(nn.Module):
     """pi0.5's adaptive RMSNorm: dense(cond) -> scale, shift, gate; no weight of its own."""
 
@@ -42,8 +52,22 @@ class AdaRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        scale, shift, gate = self.dense(cond).float()[:, None, :].chunk(3, dim=-1)
+        scale, shift, gate = self.dense(cond.to(self.dense.weight.dtype)).float()[:, None, :].chunk(3, dim=-1)
         return (h * (1.0 + scale) + shift).to(x.dtype), gate.to(x.dtype)
+
+
+# Parameters kept in float32 by the dtype policy (openpi's rule: norms and patch/position embeddings).
+FP32_NAME_PARTS = ("norm", "patch_embedding", "position_embedding", "vlln")
+
+
+def apply_dtype_policy(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
+                       fp32_name_parts: tuple[str, ...] = FP32_NAME_PARTS) -> nn.Module:
+    """Cast parameters to `dtype`, except those whose name contains one of fp32_name_parts
+    (openpi's bf16 mode keeps norms, including adaRMS denses, and the embeddings in float32)."""
+    for name, p in model.named_parameters():
+        want = torch.float32 if any(part in name for part in fp32_name_parts) else dtype
+        p.data = p.data.to(want)
+    return model
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

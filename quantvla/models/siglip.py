@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantvla.models.layers import attend, gelu_tanh
+from quantvla.models.layers import LayerNorm, attend, gelu_tanh
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class SiglipMLP(nn.Module):
 class SiglipLayer(nn.Module):
     def __init__(self, c: SiglipConfig):
         super().__init__()
-        self.layer_norm1, self.self_attn = nn.LayerNorm(c.width, eps=1e-6), SiglipAttention(c)
-        self.layer_norm2, self.mlp = nn.LayerNorm(c.width, eps=1e-6), SiglipMLP(c)
+        self.layer_norm1, self.self_attn = LayerNorm(c.width, eps=1e-6), SiglipAttention(c)
+        self.layer_norm2, self.mlp = LayerNorm(c.width, eps=1e-6), SiglipMLP(c)
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -86,10 +86,11 @@ class SiglipVisionTransformer(nn.Module):
         super().__init__()
         self.embeddings = SiglipEmbeddings(c)
         self.encoder = SiglipEncoder(c)
-        self.post_layernorm = nn.LayerNorm(c.width, eps=1e-6)
+        self.post_layernorm = LayerNorm(c.width, eps=1e-6)
 
     def forward(self, images):
-        return self.post_layernorm(self.encoder(self.embeddings(images)))
+        x = self.embeddings(images)  # fp32 under the dtype policy; the layers may be bf16
+        return self.post_layernorm(self.encoder(x.to(self.encoder.layers[0].mlp.fc1.weight.dtype)))
 
 
 class SiglipVisionModel(nn.Module):

@@ -1,0 +1,33 @@
+"""Atomic file writes: write beside the target, then rename, so a crash or a bad input never
+leaves half a file or destroys what was already there."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call write(tmp_path) for a temporary file in target's folder, then rename it onto target."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
+    return atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json_atomic(target: str | os.PathLike, data) -> Path:
+    return write_text_atomic(target, json.dumps(data, indent=2) + "\n")
