@@ -36,5 +36,5 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
     built = []
     for name, check, markers in sorted(all_checks(run), key=lambda c: c[0]):
-        built.append(CheckItem.from_parent(session, name=name, check=check, markers=markers))
+        built.append(CheckItem.from_parent(session, name=name, nodeid=name, check=check, markers=markers))
     items.extend(built)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from pytest_quantvla.checks import kernels
+from pytest_quantvla.checks import kernels, layers
 from pytest_quantvla.options import RunConfig
 
 Check = tuple[str, Callable[[], dict | None], tuple]
@@ -12,3 +12,4 @@ Check = tuple[str, Callable[[], dict | None], tuple]
 
 def all_checks(run: RunConfig) -> Iterator[Check]:
     yield from kernels.checks(run)
+    yield from layers.checks(run)

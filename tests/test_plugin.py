@@ -1,0 +1,70 @@
+"""The plugin from the outside, with pytester: an empty folder, readable ids, usage errors,
+identical verdicts with xdist, and checks that fail when the integer kernel is broken."""
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+def test_no_model_no_checks(pytester):
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+@pytest.mark.parametrize("model", ["pi05", "gr00t-n15"])
+def test_empty_folder_runs_the_builtin_checks(pytester, model):
+    result = pytester.runpytest_subprocess(f"--quantvla-model={model}", "-v")
+    result.stdout.fnmatch_lines([f"quantvla/{model}/w4a8/kernel_exact[[]cpu-w4[]] PASSED*",
+                                 f"quantvla/{model}/w4a8/layer_bounds[[]*mlp*[]] PASSED*"])
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] >= 20 and "failed" not in outcomes
+
+
+def test_invalid_values_are_usage_errors_listing_the_choices(pytester):
+    result = pytester.runpytest_subprocess("--quantvla-model=pi6")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--quantvla-model='pi6' is not valid; choose one of: pi05, gr00t-n15*"])
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-bits=w3a3")
+    result.stderr.fnmatch_lines(["*choose one of: w4a8, w4a4, w8a8*"])
+
+
+def test_ini_key_sets_the_model(pytester):
+    pytester.makeini("[pytest]\nquantvla_model = gr00t-n15\nquantvla_bits = w8a8\n")
+    result = pytester.runpytest_subprocess("--co", "-q")
+    result.stdout.fnmatch_lines(["quantvla/gr00t-n15/w8a8/kernel_exact[[]cpu-w8[]]"])
+
+
+def test_xdist_gives_the_same_verdicts(pytester):
+    serial = pytester.runpytest_subprocess("--quantvla-model=pi05", "-q").parseoutcomes()
+    parallel = pytester.runpytest_subprocess("--quantvla-model=pi05", "-q", "-n", "2").parseoutcomes()
+    assert serial == parallel
+
+
+def test_a_broken_int4_unpack_fails_the_checks(pytester):
+    """Known-bad: a W4 kernel that reads the two nibble halves in the wrong order."""
+    pytester.makeconftest(
+        "from quantvla.quant import kernels\n"
+        "_orig = kernels.unpack_int4_halves\n"
+        "def swapped(p, lo=None, hi=None):\n"
+        "    a, b = _orig(p, lo, hi)\n"
+        "    return b, a\n"
+        "kernels.unpack_int4_halves = swapped\n"
+    )
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "-q", "-k", "kernel_exact or layers.0.mlp")
+    outcomes = result.parseoutcomes()
+    # every W4 check fails: the W4 kernel check and the six layer-0 MLP bounds; only the W8 kernel check passes
+    assert outcomes["passed"] == 1 and outcomes["failed"] == 7, outcomes
+    result.stdout.fnmatch_lines(["*differ from the int64 oracle*", "*over the w4a8 bound*"])
+
+
+def test_a_saturating_int8_kernel_is_caught_by_the_self_test(pytester):
+    """A GEMM that is off everywhere fails the one-time self-test: the backend warns and falls back
+    to the exact oracle, so results stay right."""
+    pytester.makeconftest(
+        "from quantvla.quant import kernels\n"
+        "_orig = kernels._cpu_int_mm\n"
+        "kernels._cpu_int_mm = lambda a, b: _orig(a, b) + 1\n"
+    )
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "-q", "-k", "kernel_exact")
+    assert result.parseoutcomes()["passed"] == 2
+    result.stdout.fnmatch_lines(["*using the exact int64 reference GEMM instead*"])
