@@ -1,6 +1,7 @@
 """Command line: python -m quantvla <command> ...
 
   bench kernels   QuantLinear (W8A8, W4A8, W4A4) against fp32/bf16 F.linear, ratios in one run
+  bench models    action-chunk latency of pi05 and gr00t-n15 (tiny by default)
 """
 
 from __future__ import annotations
@@ -31,6 +32,21 @@ def _bench_kernels(args) -> int:
     return 0
 
 
+def _bench_models(args) -> int:
+    import torch
+    from tabulate import tabulate
+
+    from quantvla.bench import models
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = models.run(size=args.size, rounds=args.rounds)
+    print(tabulate(rows, headers="keys"))
+    if args.json:
+        write_json_atomic(Path(args.json), {"torch": torch.__version__, "rows": rows})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantvla", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--no-transform", action="store_true", help="skip the W4A8+DuQuant row")
     k.add_argument("--json", help="also write the rows to this JSON file")
     k.set_defaults(func=_bench_kernels)
+    mb = bench_sub.add_parser("models", help="action-chunk latency of the model zoo")
+    mb.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    mb.add_argument("--rounds", type=int, default=15)
+    mb.add_argument("--threads", type=int)
+    mb.add_argument("--json")
+    mb.set_defaults(func=_bench_models)
     args = parser.parse_args(argv)
     return args.func(args)
 
