@@ -1,0 +1,13 @@
+"""quantvla: the reference QuantVLA quantizer with real integer kernels, the pi0.5 and GR00T N1.5
+model families, calibration (ATM, OHB) and LIBERO evaluation.
+
+    from quantvla import quantize, CalibrationBuffer
+    q = quantize(model, CalibrationBuffer.synthetic(model, 8), "quantvla-w4a8")
+"""
+
+from quantvla.api import QuantizationReport, quantize, quantized_layer_names
+from quantvla.calibration.buffer import CalibrationBuffer
+from quantvla.presets import PRESETS, QuantConfig, preset
+
+__all__ = ["quantize", "quantized_layer_names", "QuantizationReport", "CalibrationBuffer", "QuantConfig", "PRESETS",
+           "preset"]

@@ -3,6 +3,7 @@ leaves half a file or destroys what was already there."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -31,3 +32,15 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(target: str | os.PathLike, data) -> Path:
     return write_text_atomic(target, json.dumps(data, indent=2) + "\n")
+
+
+def tensor_digest(tensors: dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in sorted name order."""
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

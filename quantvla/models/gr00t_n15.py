@@ -187,9 +187,7 @@ class Attention(nn.Module):
         b = x.shape[0]
         split = lambda y: y.view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
         out = attend(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)), None, site)
-        z = self.to_out[0](out)
-        observe_output(site, z)
-        return z
+        return observe_output(site, self.to_out[0](out))
 
 
 class GELUProj(nn.Module):

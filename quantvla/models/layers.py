@@ -88,6 +88,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
 
     Calls the site's logit observers with the pre-softmax logits (float32) and the valid mask."""
     b, h, nq, d = q.shape
+    if site is not None and site.runtime_alpha is not None:
+        q = q * site.runtime_alpha.to(q.dtype)[None, :, None, None]
     groups = h // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -104,10 +106,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
     return out.transpose(1, 2).reshape(b, nq, h * d)
 
 
-def observe_output(site: AttentionSite | None, z: torch.Tensor) -> None:
+def observe_output(site: AttentionSite | None, z: torch.Tensor) -> torch.Tensor:
+    """Apply the site's run-time beta (if any), show the result to its observers, return it."""
     if site is not None:
+        if site.runtime_beta is not None:
+            z = z * site.runtime_beta
         for observe in site.output_observers:
             observe(z)
+    return z
 
 
 def sinusoidal(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:

@@ -244,8 +244,7 @@ class PI05(nn.Module):
             h, gate = layer.input_layernorm(x, cond)
             q, k, v = layer.self_attn.qkv(h, positions, theta)
             out = attend(q, torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2), valid, site)
-            z = layer.self_attn.o_proj(out)
-            observe_output(site, z)
+            z = observe_output(site, layer.self_attn.o_proj(out))
             x = x + z * gate
             h, gate = layer.post_attention_layernorm(x, cond)
             x = x + layer.mlp(h) * gate

@@ -50,6 +50,10 @@ class AttentionSite:
     o_proj: nn.Linear
     logit_observers: list[LogitObserver] = field(default_factory=list)
     output_observers: list[OutputObserver] = field(default_factory=list)
+    # run-time scales, applied by attend()/observe_output() when set (calibration and the
+    # folded-vs-runtime equivalence test use them; a folded model leaves them None)
+    runtime_alpha: torch.Tensor | None = None
+    runtime_beta: float | None = None
 
     @torch.no_grad()
     def fold_alpha(self, alpha: torch.Tensor) -> None:

@@ -1,0 +1,168 @@
+"""quantvla.quantize(model, calibration, config): the one verb.
+
+1. copy the FP model (the teacher is never modified);
+2. record each selected linear's input activations through the teacher on the first
+   `act_batches` buffer entries (every denoising step), and replace the student's linears by
+   QuantLinear (DuQuant transform + integer kernels) calibrated on them;
+3. ATM: run teacher and student on the same entries, noise and time steps, compare per-head
+   logit Std at each DiT attention site in turn (earlier sites already corrected), fold alpha
+   into W_q;
+4. OHB: the same for the output RMS, with every alpha already applied; fold beta into W_o;
+5. measure again after both, for the report (paper Fig. 3 data).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantvla.calibration.buffer import CalibrationBuffer
+from quantvla.calibration.scales import fit_alpha, fit_beta, observing
+from quantvla.errors import QuantInputError
+from quantvla.presets import QuantConfig, preset
+from quantvla.quant.linear import QuantLinear
+
+
+@dataclass
+class SiteReport:
+    name: str
+    teacher_std: list[float]
+    student_std_before: list[float]
+    student_std_after_atm: list[float]
+    student_std_after: list[float]  # after ATM and OHB
+    alpha: list[float]
+    teacher_rms: float
+    student_rms_before: float
+    student_rms_after_atm: float
+    student_rms_after: float
+    beta: float
+
+
+@dataclass
+class QuantizationReport:
+    config: str
+    quantized: list[str] = field(default_factory=list)
+    sites: list[SiteReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def max_abs_log_ratio(self) -> dict[str, float]:
+        """Worst |log(student/teacher)| of logit Std over heads (before and after ATM) and of output
+        RMS over layers (before and after ATM+OHB)."""
+        def worst(pairs):
+            vals = [abs(torch.log(torch.tensor(s / t)).item()) for s, t in pairs if t > 0 and s > 0]
+            return max(vals, default=0.0)
+        std_b = [(s, t) for r in self.sites for s, t in zip(r.student_std_before, r.teacher_std, strict=True)]
+        std_a = [(s, t) for r in self.sites for s, t in zip(r.student_std_after_atm, r.teacher_std, strict=True)]
+        return {"logit_std_before": worst(std_b), "logit_std_after": worst(std_a),
+                "rms_before": worst((r.student_rms_before, r.teacher_rms) for r in self.sites),
+                "rms_after": worst((r.student_rms_after, r.teacher_rms) for r in self.sites)}
+
+
+def quantized_layer_names(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The linears `config` quantizes, from the model's role enumeration, in module order."""
+    return [n for n, role in model.linear_roles().items() if role in config.roles]
+
+
+def _run(model, buffer: CalibrationBuffer, entries: range, steps: int | None) -> None:
+    for i in entries:
+        model.sample_actions(buffer.inputs[i], buffer.noise[i], num_steps=steps)
+
+
+def _record_activations(model, names, buffer, config) -> dict[str, torch.Tensor]:
+    mods = dict(model.named_modules())
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [mods[n].register_forward_hook(
+        lambda _m, args, _o, n=n: rows[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        for n in names]
+    try:
+        _run(model, buffer, range(min(config.act_batches, len(buffer))), config.denoising_steps)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    gen = torch.Generator().manual_seed(config.seed)
+    for n, chunks in rows.items():
+        if not chunks:  # never on the action path (pi0.5's last VLM q/o/MLP): seeded Gaussian rows
+            out[n] = torch.randn(256, mods[n].in_features, generator=gen)
+            continue
+        x = torch.cat(chunks)
+        if x.shape[0] > config.max_rows:  # evenly spaced rows: deterministic, covers every call
+            x = x[torch.linspace(0, x.shape[0] - 1, config.max_rows).round().long()]
+        out[n] = x
+    return out
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _measure(model, buffer, entries, steps):
+    sites = model.attention_sites()
+    with observing(sites) as stats:
+        _run(model, buffer, entries, steps)
+    return stats
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, calibration: CalibrationBuffer, config: QuantConfig | str = "quantvla-w4a8",
+             report: QuantizationReport | None = None) -> nn.Module:
+    """A quantized copy of `model` (left untouched). `report`, if given, is filled in."""
+    if isinstance(config, str):
+        config = preset(config)
+    if len(calibration) == 0 and config.linear is not None:
+        raise QuantInputError("the calibration buffer is empty; record at least one observation")
+    teacher = model.eval()
+    student = copy.deepcopy(teacher)
+    names = quantized_layer_names(student, config)
+    report = report if report is not None else QuantizationReport(config.name)
+    report.quantized = names
+    if config.linear is None or not names:
+        return student
+    acts = _record_activations(teacher, names, calibration, config)
+    mods = dict(student.named_modules())
+    for n in names:
+        _set_module(student, n, QuantLinear.from_linear(mods[n], config.linear, calib=acts[n], name=n))
+    if not (config.atm or config.ohb):
+        return student
+    entries = range(min(len(calibration), max(1, config.fit_steps // _steps(student, config))))
+    steps = config.denoising_steps
+    teacher_stats = _measure(teacher, calibration, entries, steps)
+    before = _measure(student, calibration, entries, steps)
+    sites = student.attention_sites()
+    alphas = [torch.ones(s.num_heads) for s in sites]
+    betas = [1.0] * len(sites)
+    # Site by site, in model order: each scale is fitted with every earlier site's scale already
+    # folded, so it corrects the drift the student will really have (a fit of all sites at once
+    # overshoots where upstream corrections already moved a layer).
+    if config.atm:
+        for i, site in enumerate(sites):
+            current = before[i] if i == 0 else _measure(student, calibration, entries, steps)[i]
+            alphas[i] = fit_alpha(teacher_stats[i].std, current.std, config.clip_log, config.neutral_log)
+            site.fold_alpha(alphas[i])
+    after_atm = _measure(student, calibration, entries, steps)  # beta is measured with alpha applied
+    if config.ohb:
+        for i, site in enumerate(sites):
+            current = after_atm[i] if i == 0 else _measure(student, calibration, entries, steps)[i]
+            betas[i] = float(fit_beta(torch.tensor(teacher_stats[i].rms), torch.tensor(current.rms),
+                                      config.clip_log, config.neutral_log))
+            site.fold_beta(betas[i])
+    after = _measure(student, calibration, entries, steps)
+    for i, site in enumerate(sites):
+        report.sites.append(SiteReport(
+            site.name, teacher_stats[i].std.tolist(), before[i].std.tolist(), after_atm[i].std.tolist(),
+            after[i].std.tolist(),
+            alphas[i].tolist(), teacher_stats[i].rms, before[i].rms, after_atm[i].rms, after[i].rms, betas[i]))
+    student.quantvla_scales = {"alpha": {s.name: a.tolist() for s, a in zip(sites, alphas, strict=True)},
+                               "beta": {s.name: b for s, b in zip(sites, betas, strict=True)}}
+    return student
+
+
+def _steps(model, config: QuantConfig) -> int:
+    return config.denoising_steps or model.config.num_steps

@@ -1,0 +1,1 @@
+"""Calibration: the buffer of unlabeled observations, activation capture, ATM and OHB."""
