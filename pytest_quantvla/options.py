@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,17 @@ class RunConfig:
     bits: str
     device: str
     seed: int
+    quantizer: str
+    checkpoint: Path | None
+    golden_dir: Path | None
+    update_golden: bool
+    report: Path | None
+
+    @property
+    def prefix(self) -> str:
+        """Test-id prefix: quantvla/<model>/<bits>, plus the quantizer when it is not the reference."""
+        q = "" if self.quantizer == "quantvla" else f"/{self.quantizer}"
+        return f"quantvla/{self.model}/{self.bits}{q}"
 
 
 RUN_KEY = pytest.StashKey[RunConfig]()
@@ -27,19 +39,28 @@ _OPTIONS = [
     ("model", None, "model under test: " + " | ".join(MODELS) + "; turns the built-in checks on", MODELS),
     ("config", "tiny", "model size: tiny (CPU, small checkpoints; the default) | full", CONFIGS),
     ("bits", "w4a8", "bit-width setting: " + " | ".join(BITS), BITS),
+    ("quantizer", "quantvla", "quantvla (the reference, the default) | a preset name | pkg.module:callable | "
+                              "a name registered in the pytest_quantvla.quantizers entry-point group", None),
+    ("checkpoint", None, "FP checkpoint to load (safetensors file or folder, any supported layout)", None),
     ("device", "cpu", "cpu | cuda | cuda:N", None),
     ("seed", "0", "seed of every random choice (an integer)", None),
+    ("golden_dir", None, "folder of golden statistics (default: the goldens shipped with the plugin)", None),
+    ("report", None, "write a JSON report of every measurement to this path", None),
 ]
 
 
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("quantvla", "quantized VLA policies held to the QuantVLA paper")
     for name, default, help_text, _ in _OPTIONS:
-        group.addoption(f"--quantvla-{name}", dest=f"quantvla_{name}", default=None, help=help_text)
+        group.addoption(f"--quantvla-{name.replace('_', '-')}", dest=f"quantvla_{name}", default=None,
+                        help=help_text)
         parser.addini(f"quantvla_{name}", help_text, default=default)
+    group.addoption("--quantvla-update-golden", dest="quantvla_update_golden", action="store_true", default=None,
+                    help="write the golden statistics measured now (atomically) and print what changed")
+    parser.addini("quantvla_update_golden", "see --quantvla-update-golden", type="bool", default=False)
 
 
-def _value(config: pytest.Config, name: str) -> str | None:
+def _value(config: pytest.Config, name: str):
     cli = config.getoption(f"quantvla_{name}")
     return cli if cli is not None else (config.getini(f"quantvla_{name}") or None)
 
@@ -50,7 +71,8 @@ def parse(config: pytest.Config) -> RunConfig:
     for name, _, _, choices in _OPTIONS:
         v = _value(config, name)
         if v is not None and choices is not None and v not in choices:
-            raise pytest.UsageError(f"--quantvla-{name}={v!r} is not valid; choose one of: {', '.join(choices)}")
+            flag = f"--quantvla-{name.replace('_', '-')}"
+            raise pytest.UsageError(f"{flag}={v!r} is not valid; choose one of: {', '.join(choices)}")
         values[name] = v
     device = values["device"]
     if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -59,4 +81,11 @@ def parse(config: pytest.Config) -> RunConfig:
         seed = int(values["seed"])
     except ValueError:
         raise pytest.UsageError(f"--quantvla-seed={values['seed']!r} is not an integer") from None
-    return RunConfig(values["model"], values["config"], values["bits"], device, seed)
+    checkpoint = Path(values["checkpoint"]) if values["checkpoint"] else None
+    if checkpoint is not None and not checkpoint.exists():
+        raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} does not exist; pass a .safetensors file or a "
+                                "checkpoint folder")
+    path = lambda v: Path(v) if v else None  # noqa: E731
+    return RunConfig(values["model"], values["config"], values["bits"], device, seed,
+                     values["quantizer"] or "quantvla", checkpoint, path(values["golden_dir"]),
+                     bool(_value(config, "update_golden")), path(values["report"]))

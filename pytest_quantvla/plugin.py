@@ -1,5 +1,6 @@
-"""The pytest11 entry point: options, markers, and the built-in checks brought into the run
-when --quantvla-model is given (from any folder, nothing to copy)."""
+"""The pytest11 entry point: options, markers, fixtures, and the built-in checks brought into the
+run when --quantvla-model is given (from any folder, nothing to copy). Measurements travel as
+user_properties, so the controller aggregates them the same way with or without xdist."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ import pytest
 
 from pytest_quantvla import options
 from pytest_quantvla.collect import CheckItem
+from pytest_quantvla.fixtures import (  # noqa: F401 - registered as the plugin's fixtures
+    quantvla_calibration,
+    quantvla_fp_model,
+    quantvla_memory,
+    quantvla_quantized_model,
+    quantvla_run,
+    quantvla_statistics,
+)
+from quantvla.io import write_json_atomic
 
 MARKERS = {
     "libero": "LIBERO success-rate gates (real simulator; nightly or on demand)",
@@ -23,6 +33,8 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     config.stash[options.RUN_KEY] = options.parse(config)
+    if not hasattr(config, "workerinput"):  # the controller, or a serial run
+        config.pluginmanager.register(Reporter(config), "quantvla-reporter")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -34,7 +46,52 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return
     from pytest_quantvla.checks import all_checks
 
-    built = []
     for name, check, markers in sorted(all_checks(run), key=lambda c: c[0]):
-        built.append(CheckItem.from_parent(session, name=name, nodeid=name, check=check, markers=markers))
-    items.extend(built)
+        items.append(CheckItem.from_parent(session, name=name, nodeid=name, check=check, markers=markers))
+
+
+class Reporter:
+    """Keeps each built-in check's outcome and measurements (user_properties) as reports arrive:
+    on the controller under xdist, in-process otherwise; writes the table and the JSON once."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.results: dict[str, dict] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not report.nodeid.startswith("quantvla/") or (report.when != "call" and not report.failed):
+            return
+        entry = self.results.setdefault(report.nodeid, {"outcome": report.outcome})
+        if report.failed:
+            entry["outcome"] = "failed"
+            entry["message"] = str(report.longrepr)[-2000:]
+        entry.update(dict(report.user_properties))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        run = self.config.stash[options.RUN_KEY]
+        if run.model is not None and self.results:
+            summarize(terminalreporter, run, self.results)
+
+
+def summarize(terminalreporter, run, results: dict) -> None:
+    tr = terminalreporter
+    tr.section(f"quantvla: {run.model} ({run.config}) {run.bits}, quantizer {run.quantizer}, seed {run.seed}")
+    for nodeid, r in sorted(results.items()):
+        if "golden_update" in r:
+            tr.write_line(f"{r['golden_update']}")
+    passed = sum(r["outcome"] == "passed" for r in results.values())
+    tr.write_line(f"{passed} of {len(results)} checks passed")
+    for nodeid, r in sorted(results.items()):
+        if "/memory[" in nodeid and "saving" in r:
+            tr.write_line(f"{nodeid}: {r['fp16_bytes']} -> {r['storage_bytes']} bytes "
+                          f"({r['saving']:.1%} saved, resident {r['resident_bytes']})")
+        elif nodeid.endswith("/golden_statistics") and "action_mse" in r:
+            tr.write_line(f"{nodeid}: action MSE against FP {r['action_mse']:.4g}")
+    rels = [r["relative_error"] for k, r in results.items() if "/layer_bounds[" in k and "relative_error" in r]
+    if rels:
+        tr.write_line(f"layer relative error: median {sorted(rels)[len(rels) // 2]:.4f}, max {max(rels):.4f} "
+                      f"over {len(rels)} layers")
+    if run.report is not None:
+        write_json_atomic(run.report, {"run": {k: str(v) if v is not None else None
+                                               for k, v in run.__dict__.items()}, "checks": results})
+        tr.write_line(f"report written to {run.report}")

@@ -74,7 +74,10 @@ def _run(model, buffer: CalibrationBuffer, entries: range, steps: int | None) ->
         model.sample_actions(buffer.inputs[i], buffer.noise[i], num_steps=steps)
 
 
-def _record_activations(model, names, buffer, config) -> dict[str, torch.Tensor]:
+def record_activations(model, names, buffer: CalibrationBuffer, config: QuantConfig) -> dict[str, torch.Tensor]:
+    """Input rows of each named linear, recorded through `model` on the first config.act_batches
+    buffer entries (every denoising step), at most config.max_rows evenly spaced rows per layer.
+    Layers the action path never runs (pi0.5's last VLM q/o/MLP) get seeded Gaussian rows."""
     mods = dict(model.named_modules())
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = [mods[n].register_forward_hook(
@@ -88,7 +91,7 @@ def _record_activations(model, names, buffer, config) -> dict[str, torch.Tensor]
     out = {}
     gen = torch.Generator().manual_seed(config.seed)
     for n, chunks in rows.items():
-        if not chunks:  # never on the action path (pi0.5's last VLM q/o/MLP): seeded Gaussian rows
+        if not chunks:
             out[n] = torch.randn(256, mods[n].in_features, generator=gen)
             continue
         x = torch.cat(chunks)
@@ -125,7 +128,7 @@ def quantize(model: nn.Module, calibration: CalibrationBuffer, config: QuantConf
     report.quantized = names
     if config.linear is None or not names:
         return student
-    acts = _record_activations(teacher, names, calibration, config)
+    acts = record_activations(teacher, names, calibration, config)
     mods = dict(student.named_modules())
     for n in names:
         _set_module(student, n, QuantLinear.from_linear(mods[n], config.linear, calib=acts[n], name=n))

@@ -68,3 +68,72 @@ def test_a_saturating_int8_kernel_is_caught_by_the_self_test(pytester):
     result = pytester.runpytest_subprocess("--quantvla-model=pi05", "-q", "-k", "kernel_exact")
     assert result.parseoutcomes()["passed"] == 2
     result.stdout.fnmatch_lines(["*using the exact int64 reference GEMM instead*"])
+
+
+FAKE_QUANTIZER = '''
+import copy
+import torch
+from torch import nn
+
+
+class FakeQuantLinear(nn.Module):
+    """Quantize-dequantize in float: W4 values stored as fp16 (the authors' fake quantization)."""
+
+    def __init__(self, lin):
+        super().__init__()
+        w = lin.weight.detach()
+        s = w.abs().amax(1, keepdim=True) / 7
+        self.register_buffer("weight", (torch.round(w / s).clamp(-8, 7) * s).half())
+        self.bias = lin.bias
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.float(), self.bias)
+
+
+def quantize(model, calibration, bits):
+    q = copy.deepcopy(model)
+    for name, role in model.linear_roles().items():
+        if role in ("llm", "dit_mlp"):
+            parent, _, leaf = name.rpartition(".")
+            setattr(q.get_submodule(parent), leaf, FakeQuantLinear(q.get_submodule(name)))
+    return q
+'''
+
+
+def test_third_party_fake_quantizer_fails_the_memory_check(pytester):
+    pytester.makepyfile(fakequant=FAKE_QUANTIZER)
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=fakequant:quantize", "-v",
+                                           "-k", "memory or layers.0.mlp.up")
+    result.stdout.fnmatch_lines(["*quantvla/pi05/w4a8/fakequant:quantize/memory[[]tiny[]] FAILED*"])
+    result.stdout.fnmatch_lines(["*weights are not stored at the claimed bit-width*"])
+    # its layers are accurate: only the memory claim is false
+    result.stdout.fnmatch_lines(["*layer_bounds[[]*layers.0.mlp.up_proj[]] PASSED*"])
+
+
+def test_missing_golden_names_the_command_and_update_writes_it(pytester):
+    import json
+    golden = pytester.path / "goldens"
+    args = ["--quantvla-model=gr00t-n15", f"--quantvla-golden-dir={golden}", "-k", "golden", "-q"]
+    result = pytester.runpytest_subprocess(*args)
+    result.stdout.fnmatch_lines(["*no golden at*gr00t-n15-tiny-quantvla-w4a8.json; create it with: pytest "
+                                 "--quantvla-model=gr00t-n15 --quantvla-config=tiny --quantvla-bits=w4a8 "
+                                 "--quantvla-update-golden*"])
+    result = pytester.runpytest_subprocess(*args, "--quantvla-update-golden")
+    result.stdout.fnmatch_lines(["*wrote*gr00t-n15-tiny-quantvla-w4a8.json: new golden*"])
+    assert pytester.runpytest_subprocess(*args).ret == 0
+    path = golden / "gr00t-n15-tiny-quantvla-w4a8.json"
+    data = json.loads(path.read_text())
+    data["sites"][0]["student_std"][0] *= 1.1  # a quantizer whose first head drifted by 10%
+    path.write_text(json.dumps(data))
+    result = pytester.runpytest_subprocess(*args)
+    result.stdout.fnmatch_lines(["*statistics differ from*", "*head 0 student_std*"])
+
+
+def test_report_json_is_written_once(pytester):
+    import json
+    out = pytester.path / "report.json"
+    pytester.runpytest_subprocess("--quantvla-model=pi05", f"--quantvla-report={out}", "-n", "2", "-q")
+    data = json.loads(out.read_text())
+    assert data["run"]["model"] == "pi05"
+    assert all(v["outcome"] == "passed" for v in data["checks"].values())
+    assert any("relative_error" in v for v in data["checks"].values())

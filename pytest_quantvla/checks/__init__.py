@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from pytest_quantvla.checks import kernels, layers
+from pytest_quantvla.checks import golden, kernels, layers, memory
+from pytest_quantvla.collect import CheckFailed
 from pytest_quantvla.options import RunConfig
 
 Check = tuple[str, Callable[[], dict | None], tuple]
@@ -12,4 +13,18 @@ Check = tuple[str, Callable[[], dict | None], tuple]
 
 def all_checks(run: RunConfig) -> Iterator[Check]:
     yield from kernels.checks(run)
+    try:
+        from pytest_quantvla.subject import subject
+        subject(run)  # build the model and quantize it once, here, so a failure is reported once
+    except Exception as err:  # noqa: BLE001 - shown to the user as one failing check, not a traceback
+        message = f"could not build or quantize {run.model} ({run.config}) with {run.quantizer}: " \
+                  f"{type(err).__name__}: {err}"
+
+        def failed():
+            raise CheckFailed(message)
+
+        yield f"{run.prefix}/quantize", failed, ()
+        return
+    yield from memory.checks(run)
+    yield from golden.checks(run)
     yield from layers.checks(run)

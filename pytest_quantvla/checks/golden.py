@@ -1,0 +1,49 @@
+"""Golden statistics of the model under test: per-head logit Std and per-layer output RMS
+(teacher and quantized), alpha and beta, action error against FP, compared with
+golden/<model>-<config>-<quantizer>.json."""
+
+from __future__ import annotations
+
+import functools
+
+from pytest_quantvla import golden
+from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.data import data_dir
+from pytest_quantvla.subject import subject
+from quantvla.stats import paired_statistics
+
+
+def measure(run) -> dict:
+    s = subject(run)
+    stats = paired_statistics(s.fp, s.quantized, s.held_out)
+    return {"model": run.model, "config": run.config, "quantizer": run.quantizer, "bits": run.bits,
+            "seed": run.seed, "quantized_layers": len(s.quantized_layers()), **stats}
+
+
+def golden_statistics(run) -> dict:
+    folder = run.golden_dir or data_dir("golden")
+    path = folder / golden.golden_name(run)
+    got = measure(run)
+    expected = golden.load(path)
+    summary = {"action_mse": got["action_mse"], "golden": str(path)}
+    if run.update_golden:
+        changes = ["new golden"] if expected is None else golden.compare(expected, got) or ["no change"]
+        golden.write(path, got)
+        summary["golden_update"] = f"wrote {path}: " + "; ".join(changes[:10]) + (
+            f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
+        return summary
+    if expected is None:
+        opts = f"--quantvla-model={run.model} --quantvla-config={run.config} --quantvla-bits={run.bits}"
+        if run.quantizer != "quantvla":
+            opts += f" --quantvla-quantizer={run.quantizer}"
+        raise CheckFailed(f"no golden at {path}; create it with: pytest {opts} --quantvla-update-golden "
+                          f"-k golden_statistics" + (f" --quantvla-golden-dir={folder}" if run.golden_dir else ""))
+    diff = golden.compare(expected, got)
+    if diff:
+        more = f"\n  ... and {len(diff) - 15} more" if len(diff) > 15 else ""
+        raise CheckFailed(f"statistics differ from {path} beyond tolerance:\n  " + "\n  ".join(diff[:15]) + more)
+    return summary
+
+
+def checks(run):
+    yield f"{run.prefix}/golden_statistics", functools.partial(golden_statistics, run), ()

@@ -1,0 +1,74 @@
+"""Memory of the quantized components (LLM + DiT linears; counting rule in quantvla.memory):
+measured on the model under test, and projected for the full-size architecture on the meta device
+against the paper (reference/paper.json): pi0.5 4.27 -> 1.28 GB (70.0% saved), GR00T N1.5
+2.02 -> 0.91 GB (55.0% saved) for quantvla-w4a8."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.data import paper
+from pytest_quantvla.quantizers import preset_for
+from pytest_quantvla.subject import subject
+from quantvla.memory import COMPONENT_ROLES, GIB, component_memory, projected_memory
+from quantvla.models import build
+
+# Per-channel allowance of a quantized layer: room for 8 four-byte vectors per input and output
+# channel (scales, zero-point sums, smoothing, permutation, bias...), beyond its packed integers.
+PER_CHANNEL_BYTES = 32
+
+
+def budget(fp, quantized_names, wbits: int) -> int:
+    """What the components may store: kept linears in FP16, quantized ones at wbits per weight plus
+    the per-channel allowance. A fake-quantized layer (FP16 weights) or W4 values kept in int8
+    containers exceed it."""
+    mods = dict(fp.named_modules())
+    total = 0
+    for n, r in fp.linear_roles().items():
+        if r not in COMPONENT_ROLES:
+            continue
+        lin = mods[n]
+        if n in quantized_names:
+            total += lin.weight.numel() * wbits // 8 + PER_CHANNEL_BYTES * (lin.in_features + lin.out_features)
+        else:
+            total += lin.weight.numel() * 2
+    return total
+
+
+def measured(run) -> dict:
+    s = subject(run)
+    rep = component_memory(s.fp, s.quantized)
+    if rep.quantized == 0:
+        raise CheckFailed("the quantizer replaced none of the LLM/DiT linears")
+    limit = budget(s.fp, set(s.quantized_layers()), int(run.bits[1]))
+    if rep.storage_bytes > limit:
+        raise CheckFailed(f"quantized components store {rep.storage_bytes} bytes (FP16: {rep.fp16_bytes}); "
+                          f"{run.bits} allows {limit} ({int(run.bits[1])}-bit weights plus {PER_CHANNEL_BYTES} "
+                          "bytes per channel): weights are not stored at the claimed bit-width")
+    if rep.resident_bytes > rep.storage_bytes * 1.01:
+        raise CheckFailed(f"layers keep {rep.resident_bytes - rep.storage_bytes} bytes alive beyond what they "
+                          "store (caches): resident memory would not match the claim")
+    return {**rep.to_dict(), "budget_bytes": limit}
+
+
+def full_size(run, ref: dict, preset_name: str) -> dict:
+    with torch.device("meta"):
+        model = build(run.model, "full")
+    rep = projected_memory(model, preset_for(run.quantizer, run.bits))
+    want_q, want_saving = ref[preset_name], ref[f"{preset_name}_saving"]
+    got_q = rep.storage_bytes / GIB
+    if got_q > want_q or rep.saving < want_saving:
+        raise CheckFailed(f"full-size {run.model}: {rep.fp16_bytes / GIB:.2f} -> {got_q:.3f} GiB "
+                          f"({rep.saving:.1%} saved); the paper: {ref['fp16']} -> {want_q} ({want_saving:.1%} saved)")
+    return {**rep.to_dict(), "paper_fp16": ref["fp16"], "paper_quantized": want_q, "paper_saving": want_saving}
+
+
+def checks(run):
+    yield f"{run.prefix}/memory[{run.config}]", functools.partial(measured, run), ()
+    cfg = preset_for(run.quantizer, run.bits)
+    ref = paper()["memory_gb"][run.model]
+    if cfg is not None and f"{cfg.name}_saving" in ref:  # the paper gives a figure for this setting
+        yield f"{run.prefix}/memory[full-vs-paper]", functools.partial(full_size, run, ref, cfg.name), ()

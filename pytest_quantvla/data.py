@@ -1,0 +1,21 @@
+"""Where the plugin's data lives: reference/ (the paper's numbers) and golden/ (goldens, small
+checkpoints). In a wheel they are package data under pytest_quantvla/; in a source checkout they
+are the repository's top-level folders."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+_PKG = Path(__file__).resolve().parent
+
+
+def data_dir(name: str) -> Path:
+    packaged = _PKG / name
+    return packaged if packaged.is_dir() else _PKG.parent / name
+
+
+@lru_cache(maxsize=1)
+def paper() -> dict:
+    return json.loads((data_dir("reference") / "paper.json").read_text())

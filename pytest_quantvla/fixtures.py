@@ -1,0 +1,55 @@
+"""Fixtures for users' own tests. All read the run's options (--quantvla-*) and share the
+per-process model under test."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_quantvla.options import RUN_KEY, RunConfig
+
+
+def _subject(config: pytest.Config):
+    run = config.stash[RUN_KEY]
+    if run.model is None:
+        pytest.fail("this fixture needs --quantvla-model (or the quantvla_model ini key)", pytrace=False)
+    from pytest_quantvla.subject import subject
+    return subject(run)
+
+
+@pytest.fixture(scope="session")
+def quantvla_run(pytestconfig) -> RunConfig:
+    """The parsed --quantvla-* options."""
+    return pytestconfig.stash[RUN_KEY]
+
+
+@pytest.fixture(scope="session")
+def quantvla_fp_model(pytestconfig):
+    """The floating-point model under test (seeded, or loaded from --quantvla-checkpoint)."""
+    return _subject(pytestconfig).fp
+
+
+@pytest.fixture(scope="session")
+def quantvla_quantized_model(pytestconfig):
+    """The model quantized by the run's quantizer."""
+    return _subject(pytestconfig).quantized
+
+
+@pytest.fixture(scope="session")
+def quantvla_calibration(pytestconfig):
+    """The calibration buffer the quantizer saw (quantvla.CalibrationBuffer)."""
+    return _subject(pytestconfig).calibration
+
+
+@pytest.fixture(scope="session")
+def quantvla_statistics(pytestconfig) -> dict:
+    """Teacher vs quantized statistics on the held-out buffer (what the goldens hold)."""
+    from pytest_quantvla.checks.golden import measure
+    return measure(pytestconfig.stash[RUN_KEY])
+
+
+@pytest.fixture(scope="session")
+def quantvla_memory(pytestconfig):
+    """quantvla.memory.MemoryReport of the quantized components."""
+    from quantvla.memory import component_memory
+    s = _subject(pytestconfig)
+    return component_memory(s.fp, s.quantized)

@@ -1,0 +1,67 @@
+"""Golden statistics: expected files beside the plugin, compared under documented tolerances,
+regenerated with --quantvla-update-golden (atomic write, with a summary of what changed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from quantvla.io import write_json_atomic
+
+# Tolerances. Statistics are deterministic for a seed on one machine; these absorb BLAS and
+# oneDNN differences across CPUs while catching any change to the quantizer's numbers.
+REL_STATS = 0.02  # logit Std, output RMS: 2% relative
+ABS_SCALES = 1e-3  # alpha, beta
+REL_ACTION = 0.25  # action MSE: 25% relative (a squared, small quantity)
+ABS_ACTION = 1e-9
+
+
+def golden_name(run) -> str:
+    q = run.quantizer if run.quantizer != "quantvla" else f"quantvla-{run.bits}"
+    if ":" in q or "." in q:
+        q = q.replace(":", "_").replace(".", "_") + f"-{run.bits}"
+    seed = f"-seed{run.seed}" if run.seed else ""
+    return f"{run.model}-{run.config}-{q}{seed}.json"
+
+
+def _close(a, b, rel, abs_):
+    return abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
+
+
+def compare(expected: dict, got: dict) -> list[str]:
+    """Differences beyond tolerance, as readable lines (empty when everything matches)."""
+    out = []
+    if expected.get("quantized_layers") != got.get("quantized_layers"):
+        out.append(f"quantized layers: {expected.get('quantized_layers')} -> {got.get('quantized_layers')}")
+    if not _close(expected["action_mse"], got["action_mse"], REL_ACTION, ABS_ACTION):
+        out.append(f"action MSE: {expected['action_mse']:.4g} -> {got['action_mse']:.4g}")
+    e_sites = {s["name"]: s for s in expected["sites"]}
+    for s in got["sites"]:
+        e = e_sites.get(s["name"])
+        if e is None:
+            out.append(f"{s['name']}: not in the golden")
+            continue
+        for key in ("teacher_std", "student_std"):
+            for h, (a, b) in enumerate(zip(e[key], s[key], strict=True)):
+                if not _close(a, b, REL_STATS, 1e-12):
+                    out.append(f"{s['name']} head {h} {key}: {a:.5g} -> {b:.5g}")
+        for key in ("teacher_rms", "student_rms"):
+            if not _close(e[key], s[key], REL_STATS, 1e-12):
+                out.append(f"{s['name']} {key}: {e[key]:.5g} -> {s[key]:.5g}")
+        for key in ("alpha", "beta"):
+            a, b = e.get(key), s.get(key)
+            a_list = a if isinstance(a, list) else [a]
+            b_list = b if isinstance(b, list) else [b]
+            if (a is None) != (b is None) or (a is not None and any(
+                    not math.isclose(x, y, abs_tol=ABS_SCALES) for x, y in zip(a_list, b_list, strict=True))):
+                out.append(f"{s['name']} {key}: {a} -> {b}")
+    return out
+
+
+def load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write(path: Path, data: dict) -> None:
+    write_json_atomic(path, data)

@@ -1,0 +1,88 @@
+"""Memory of the quantized components (the paper's "LLM+DiT"), counted one way for every model
+and every quantizer:
+
+* the components are every linear with role llm, dit_mlp or dit_attn in the FP model;
+* the FP16 baseline counts each one's weight at 2 bytes per parameter (this rule reproduces the
+  paper's 4.27 GiB for pi0.5 exactly);
+* in a quantized model, a component still an nn.Linear counts the same FP16 bytes; anything else
+  counts every tensor it keeps: storage = its state_dict, resident = every parameter and buffer
+  alive between calls (caches included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+COMPONENT_ROLES = ("llm", "dit_mlp", "dit_attn")
+GIB = 2**30
+
+
+@dataclass
+class MemoryReport:
+    fp16_bytes: int
+    storage_bytes: int
+    resident_bytes: int
+    components: int
+    quantized: int
+
+    @property
+    def saving(self) -> float:
+        return 1.0 - self.storage_bytes / self.fp16_bytes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(fp16_gib=self.fp16_bytes / GIB, storage_gib=self.storage_bytes / GIB,
+                 resident_gib=self.resident_bytes / GIB, saving=self.saving)
+        return d
+
+
+def _fp16(linear: nn.Linear) -> int:
+    return linear.weight.numel() * 2
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _count(fp_model: nn.Module, replacement) -> MemoryReport:
+    """replacement(name, fp_linear) -> the module standing at that name in the quantized model."""
+    fp16 = storage = resident = n_quant = 0
+    mods = dict(fp_model.named_modules())
+    names = [n for n, r in fp_model.linear_roles().items() if r in COMPONENT_ROLES]
+    for n in names:
+        fp16 += _fp16(mods[n])
+        m = replacement(n, mods[n])
+        if type(m) is nn.Linear:
+            storage += _fp16(m)
+            resident += _fp16(m)
+            continue
+        n_quant += 1
+        storage += _tensor_bytes(m.state_dict().values())
+        resident += _tensor_bytes(list(m.parameters()) + list(m.buffers()))
+    return MemoryReport(fp16, storage, resident, len(names), n_quant)
+
+
+def component_memory(fp_model: nn.Module, quantized: nn.Module) -> MemoryReport:
+    """Measured: the components of `quantized` (any quantizer) against `fp_model` in FP16."""
+    q_mods = dict(quantized.named_modules())
+    return _count(fp_model, lambda n, _lin: q_mods[n])
+
+
+def projected_memory(fp_model: nn.Module, config) -> MemoryReport:
+    """The same report for a QuantConfig applied to a model built on the meta device: each selected
+    layer becomes a QuantLinear constructed on meta (nothing allocated) whose exact bytes count."""
+    from quantvla.api import quantized_layer_names
+    from quantvla.quant.linear import QuantLinear
+
+    selected = set(quantized_layer_names(fp_model, config)) if config.linear is not None else set()
+
+    def replacement(name, lin):
+        if name not in selected:
+            return lin
+        with torch.device("meta"):
+            return QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, config.linear, name=name)
+
+    return _count(fp_model, replacement)
