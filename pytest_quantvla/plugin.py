@@ -76,7 +76,7 @@ class Reporter:
 def summarize(terminalreporter, run, results: dict) -> None:
     tr = terminalreporter
     tr.section(f"quantvla: {run.model} ({run.config}) {run.bits}, quantizer {run.quantizer}, seed {run.seed}")
-    for nodeid, r in sorted(results.items()):
+    for _, r in sorted(results.items()):
         if "golden_update" in r:
             tr.write_line(f"{r['golden_update']}")
     passed = sum(r["outcome"] == "passed" for r in results.values())
