@@ -1,0 +1,1 @@
+"""LIBERO evaluation: protocols as data, the episode runner, success statistics and gates."""
