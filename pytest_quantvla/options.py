@@ -24,6 +24,9 @@ class RunConfig:
     golden_dir: Path | None
     update_golden: bool
     report: Path | None
+    episodes: int = 20
+    suites: tuple[str, ...] = ("libero_spatial",)
+    margin: float = 0.10
 
     @property
     def prefix(self) -> str:
@@ -46,7 +49,12 @@ _OPTIONS = [
     ("seed", "0", "seed of every random choice (an integer)", None),
     ("golden_dir", None, "folder of golden statistics (default: the goldens shipped with the plugin)", None),
     ("report", None, "write a JSON report of every measurement to this path", None),
+    ("episodes", "20", "LIBERO gate: paired episodes (FP and quantized on the same init state) per suite", None),
+    ("suites", "libero_spatial", "LIBERO gate: comma-separated suites (libero_spatial, libero_object, libero_goal, "
+                                 "libero_10)", None),
+    ("margin", "0.10", "LIBERO gate: non-inferiority margin below the paper's quantized-minus-FP delta", None),
 ]
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -85,7 +93,16 @@ def parse(config: pytest.Config) -> RunConfig:
     if checkpoint is not None and not checkpoint.exists():
         raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} does not exist; pass a .safetensors file or a "
                                 "checkpoint folder")
+    try:
+        episodes, margin = int(values["episodes"]), float(values["margin"])
+    except ValueError:
+        raise pytest.UsageError("--quantvla-episodes must be an integer and --quantvla-margin a number") from None
+    suites = tuple(x.strip() for x in values["suites"].split(",") if x.strip())
+    bad = [x for x in suites if x not in SUITES]
+    if bad or not suites or episodes < 1:
+        raise pytest.UsageError(f"--quantvla-suites={values['suites']!r} / --quantvla-episodes={episodes} is not "
+                                f"valid; suites are {', '.join(SUITES)} and episodes at least 1")
     path = lambda v: Path(v) if v else None  # noqa: E731
     return RunConfig(values["model"], values["config"], values["bits"], device, seed,
                      values["quantizer"] or "quantvla", checkpoint, path(values["golden_dir"]),
-                     bool(_value(config, "update_golden")), path(values["report"]))
+                     bool(_value(config, "update_golden")), path(values["report"]), episodes, suites, margin)

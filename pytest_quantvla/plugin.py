@@ -4,6 +4,8 @@ user_properties, so the controller aggregates them the same way with or without 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from pytest_quantvla import options
@@ -37,6 +39,12 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(Reporter(config), "quantvla-reporter")
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    libero = sys.modules.get("pytest_quantvla.checks.libero")
+    if libero is not None:
+        libero.close_envs()  # every process closes the LIBERO envs it opened
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     """Append the built-in checks before -m/-k deselection runs. Every xdist worker builds the
@@ -46,7 +54,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return
     from pytest_quantvla.checks import all_checks
 
-    for name, check, markers in sorted(all_checks(run), key=lambda c: c[0]):
+    with_libero = "libero" in (config.option.markexpr or "")
+    for name, check, markers in sorted(all_checks(run, with_libero), key=lambda c: c[0]):
         items.append(CheckItem.from_parent(session, name=name, nodeid=name, check=check, markers=markers))
 
 
@@ -67,13 +76,47 @@ class Reporter:
             entry["message"] = str(report.longrepr)[-2000:]
         entry.update(dict(report.user_properties))
 
+    def gate_verdicts(self) -> dict:
+        """Per suite: the paired non-inferiority verdict over the LIBERO pairs that ran."""
+        from pytest_quantvla.data import paper
+        from quantvla.eval.stats import paired_gate
+
+        run = self.config.stash[options.RUN_KEY]
+        pairs: dict[str, list] = {}
+        for nodeid, r in sorted(self.results.items()):
+            if "/libero[" in nodeid:
+                suite = nodeid.split("/libero[")[1].split("/")[0]
+                ok = r["outcome"] == "passed"
+                pairs.setdefault(suite, []).append((r.get("fp_success") if ok else None,
+                                                    r.get("q_success") if ok else None))
+        success = paper()["success"]
+        reference = success.get(run.model, {})
+        name = run.quantizer if run.quantizer != "quantvla" else f"quantvla-{run.bits}"
+        verdicts = {}
+        for suite, outcomes in pairs.items():
+            i = success["suites"].index(suite)
+            delta = (reference[name][i] - reference["fp16"][i]) / 100 if name in reference else 0.0
+            verdicts[suite] = paired_gate([f for f, _ in outcomes], [q for _, q in outcomes], delta, run.margin)
+        return verdicts
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.verdicts = self.gate_verdicts()
+        if any(v.verdict == "fail" for v in self.verdicts.values()):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
         run = self.config.stash[options.RUN_KEY]
+        verdicts = getattr(self, "verdicts", {})
         if run.model is not None and self.results:
-            summarize(terminalreporter, run, self.results)
+            summarize(terminalreporter, run, self.results, verdicts)
+        for suite, v in verdicts.items():
+            terminalreporter.write_line(
+                f"LIBERO gate {suite}: {v.verdict.upper()} over {v.pairs} pairs: FP {v.fp.successes}/{v.pairs} "
+                f"[{v.fp.low:.2f}, {v.fp.high:.2f}], quantized {v.quantized.successes}/{v.pairs} "
+                f"[{v.quantized.low:.2f}, {v.quantized.high:.2f}]; {v.reason}")
 
 
-def summarize(terminalreporter, run, results: dict) -> None:
+def summarize(terminalreporter, run, results: dict, verdicts: dict) -> None:
     tr = terminalreporter
     tr.section(f"quantvla: {run.model} ({run.config}) {run.bits}, quantizer {run.quantizer}, seed {run.seed}")
     for _, r in sorted(results.items()):
@@ -93,5 +136,6 @@ def summarize(terminalreporter, run, results: dict) -> None:
                       f"over {len(rels)} layers")
     if run.report is not None:
         write_json_atomic(run.report, {"run": {k: str(v) if v is not None else None
-                                               for k, v in run.__dict__.items()}, "checks": results})
+                                               for k, v in run.__dict__.items()}, "checks": results,
+                                        "gates": {suite: v.to_dict() for suite, v in verdicts.items()}})
         tr.write_line(f"report written to {run.report}")

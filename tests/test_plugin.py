@@ -137,3 +137,33 @@ def test_report_json_is_written_once(pytester):
     assert data["run"]["model"] == "pi05"
     assert all(v["outcome"] == "passed" for v in data["checks"].values())
     assert any("relative_error" in v for v in data["checks"].values())
+
+
+def test_libero_gate_verdicts_are_decided_once_from_the_pairs():
+    """The controller's aggregation: pair outcomes in, one verdict per suite out, and a failing
+    verdict fails the session (the pairs themselves run on the real simulator with -m libero)."""
+    from pytest_quantvla.options import RUN_KEY, RunConfig
+    from pytest_quantvla.plugin import Reporter
+
+    class Config:
+        stash = {RUN_KEY: RunConfig("pi05", "tiny", "w4a8", "cpu", 0, "quantvla", None, None, False, None,
+                                    episodes=20, suites=("libero_spatial", "libero_object"), margin=0.1)}
+
+    reporter = Reporter(Config())
+    for k in range(20):
+        reporter.results[f"quantvla/pi05/w4a8/libero[libero_spatial/task{k % 10}/init{k // 10:02d}]"] = {
+            "outcome": "passed", "fp_success": True, "q_success": k % 2 == 0}  # the quantized model loses half
+        reporter.results[f"quantvla/pi05/w4a8/libero[libero_object/task{k % 10}/init{k // 10:02d}]"] = {
+            "outcome": "passed", "fp_success": k < 15, "q_success": k < 15}
+    verdicts = reporter.gate_verdicts()
+    assert verdicts["libero_spatial"].verdict == "fail"
+    assert verdicts["libero_object"].verdict == "pass"
+    # the paper's delta for pi0.5 W4A8 on libero_object is -1.0 point: delta0 = -0.01 - 0.1
+    assert verdicts["libero_object"].delta0 == pytest.approx(-0.11)
+
+    class Session:
+        exitstatus = 0
+
+    session = Session()
+    reporter.pytest_sessionfinish(session)
+    assert session.exitstatus == pytest.ExitCode.TESTS_FAILED

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from pytest_quantvla.checks import golden, kernels, layers, memory
+from pytest_quantvla.checks import golden, kernels, layers, libero, memory
 from pytest_quantvla.collect import CheckFailed
 from pytest_quantvla.options import RunConfig
 
 Check = tuple[str, Callable[[], dict | None], tuple]
 
 
-def all_checks(run: RunConfig) -> Iterator[Check]:
+def all_checks(run: RunConfig, with_libero: bool = False) -> Iterator[Check]:
+    """Every built-in check; the LIBERO pairs only when asked for (-m libero): they take minutes."""
     yield from kernels.checks(run)
     try:
         from pytest_quantvla.subject import subject
@@ -28,3 +29,5 @@ def all_checks(run: RunConfig) -> Iterator[Check]:
     yield from memory.checks(run)
     yield from golden.checks(run)
     yield from layers.checks(run)
+    if with_libero:
+        yield from libero.checks(run)

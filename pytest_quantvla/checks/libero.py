@@ -1,0 +1,55 @@
+"""LIBERO success-rate gates (marker `libero`). Each item runs one pair: the FP model and the
+quantized model on the same suite, task, init state and seed, with the model's protocol (openpi
+for pi05, GR00T's for gr00t-n15). xdist spreads the pairs; the controller collects the outcomes
+and decides each suite once, with quantvla.eval.stats.paired_gate against the paper's
+quantized-minus-FP delta minus --quantvla-margin."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from pytest_quantvla.subject import subject
+from quantvla.eval.protocols import load_protocol
+
+PROTOCOL = {"pi05": "openpi", "gr00t-n15": "gr00t"}
+TASKS_PER_SUITE = 10
+_envs: dict = {}
+
+
+def _env(suite: str, task: int, protocol):
+    from quantvla.eval.libero import TaskEnv
+    key = (suite, task)
+    if key not in _envs:  # reused across this worker's episodes of the task
+        _envs[key] = TaskEnv(suite, task, protocol)
+    return _envs[key]
+
+
+def close_envs() -> None:
+    for env in _envs.values():
+        env.close()
+    _envs.clear()
+
+
+def pair(run, suite: str, task: int, init_index: int) -> dict:
+    from quantvla.eval.policy import ModelPolicy
+
+    s = subject(run)
+    protocol = load_protocol(PROTOCOL[run.model])
+    env = _env(suite, task, protocol)
+    out = {"suite": suite, "task": task, "init": init_index}
+    for label, model in (("fp", s.fp), ("q", s.quantized)):
+        policy = ModelPolicy.for_model(model, [env.instruction], seed=run.seed)
+        r = env.run_episode(init_index, policy, seed=protocol.seed)
+        out[f"{label}_success"] = None if r.failure and r.failure.startswith("error") else r.success
+        out[f"{label}_failure"], out[f"{label}_steps"], out[f"{label}_wall_s"] = r.failure, r.steps, round(r.wall_s, 2)
+    return out
+
+
+def checks(run):
+    for suite in run.suites:
+        for k in range(run.episodes):
+            task, init_index = k % TASKS_PER_SUITE, k // TASKS_PER_SUITE
+            yield (f"{run.prefix}/libero[{suite}/task{task}/init{init_index:02d}]",
+                   functools.partial(pair, run, suite, task, init_index), (pytest.mark.libero, pytest.mark.slow))

@@ -1,0 +1,48 @@
+"""A model-zoo model as a LIBERO policy: observation -> model inputs -> action chunk -> 7-D actions."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from quantvla.models.policy import LiberoAdapter, NormStats, WordTokenizer
+
+
+def identity_stats(dim: int) -> NormStats:
+    """Statistics that leave values unchanged (for models without a checkpoint's norm stats)."""
+    return NormStats(np.zeros(dim), np.ones(dim), -np.ones(dim), np.ones(dim), -np.ones(dim), np.ones(dim))
+
+
+class ModelPolicy:
+    """needs_images / reset / infer, as the runner expects. Noise is seeded per query from the
+    episode seed and the query index, so FP and quantized models of a pair draw the same noise."""
+
+    needs_images = True
+
+    def __init__(self, model, adapter: LiberoAdapter, seed: int = 0, num_steps: int | None = None):
+        self.model, self.adapter, self.seed, self.num_steps = model, adapter, seed, num_steps
+        self.queries = 0
+
+    @classmethod
+    def for_model(cls, model, instructions: list[str], seed: int = 0, num_steps: int | None = None) -> ModelPolicy:
+        c = model.config
+        family = model.family
+        state_dim = getattr(c, "state_dim", 0)
+        stats = {"actions": identity_stats(7), "state": identity_stats(8)}
+        tokenizer = WordTokenizer.fit(instructions)
+        adapter = LiberoAdapter(family, c.vision.image, c.max_token_len, tokenizer, stats,
+                                action_norm="quantile" if family == "pi05" else "min_max", state_dim=state_dim)
+        return cls(model, adapter, seed, num_steps)
+
+    def reset(self) -> None:
+        self.queries = 0
+
+    @torch.no_grad()
+    def infer(self, obs: dict, instruction: str) -> np.ndarray:
+        c = self.model.config
+        inputs = self.adapter.inputs(obs, instruction, c.num_images)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.queries)
+        self.queries += 1
+        noise = torch.randn(1, c.action_horizon, c.action_dim, generator=gen)
+        chunk = self.model.sample_actions(inputs, noise, num_steps=self.num_steps)
+        return self.adapter.actions(chunk)
