@@ -178,3 +178,24 @@ def test_calibration_buffer_round_trip(setup, tmp_path):
     path = buf.save(tmp_path / "calib.safetensors")
     again = CalibrationBuffer.load(path)
     assert again.digest() == buf.digest() and len(again) == len(buf)
+
+
+def test_buffer_recorded_from_observations_through_the_models_pipeline():
+    import numpy as np
+
+    from quantvla.eval.policy import ModelPolicy
+    torch.manual_seed(0)
+    model = build("pi05", "tiny")
+    rng = np.random.default_rng(0)
+    obs = [{"agentview_image": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+            "robot0_eye_in_hand_image": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+            "robot0_eef_pos": rng.normal(size=3), "robot0_eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+            "robot0_gripper_qpos": np.array([0.03, -0.03])} for _ in range(3)]
+    texts = ["pick up the black bowl", "open the top drawer", "put the bowl on the plate"]
+    adapter = ModelPolicy.for_model(model, texts).adapter
+    buf = CalibrationBuffer.record(adapter, list(zip(obs, texts, strict=True)), model, seed=4)
+    assert len(buf) == 3 and buf.inputs[0].images.shape[-1] == model.config.vision.image
+    again = CalibrationBuffer.record(adapter, list(zip(obs, texts, strict=True)), model, seed=4)
+    assert buf.digest() == again.digest()
+    q = quantize(model, buf, "quantvla-w4a8")
+    assert torch.isfinite(q.sample_actions(buf.inputs[0], buf.noise[0])).all()

@@ -32,6 +32,14 @@ class CalibrationBuffer:
         return cls(list(inputs), [torch.randn(1, horizon, action_dim, generator=gen) for _ in inputs])
 
     @classmethod
+    def record(cls, adapter, observations, model, seed: int = 0) -> CalibrationBuffer:
+        """Unlabeled (observation, instruction) pairs through the model's own input pipeline
+        (a quantvla.models.policy.LiberoAdapter), each with seeded diffusion noise."""
+        c = model.config
+        inputs = [adapter.inputs(obs, instruction, c.num_images) for obs, instruction in observations]
+        return cls.from_inputs(inputs, c.action_horizon, c.action_dim, seed)
+
+    @classmethod
     def synthetic(cls, model, n: int, seed: int = 0) -> CalibrationBuffer:
         """n seeded synthetic inputs through the model's own example-input pipeline."""
         c = model.config
