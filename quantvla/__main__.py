@@ -3,6 +3,7 @@
   bench kernels   QuantLinear (W8A8, W4A8, W4A4) against fp32/bf16 F.linear, ratios in one run
   bench models    action-chunk latency of pi05 and gr00t-n15 (tiny by default)
   bench libero    naive vs render-on-query LIBERO episodes, side by side
+  libero          paired FP / quantized LIBERO episodes, success table and gate verdict
 """
 
 from __future__ import annotations
@@ -57,6 +58,21 @@ def _bench_libero(args) -> int:
     return 0
 
 
+def _libero(args) -> int:
+    from quantvla.errors import QuantVLAError
+    from quantvla.eval import cli
+
+    try:
+        suites = [cli.SUITE_NAMES.get(x.strip(), x.strip()) for x in args.suites.split(",") if x.strip()]
+        cli.run(args.model, args.size, args.checkpoint, args.quantizer, suites, args.episodes, args.seed,
+                args.margin, Path(args.json), max_steps=args.max_steps)
+    except QuantVLAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantvla", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--rounds", type=int, default=2)
     lb.add_argument("--json")
     lb.set_defaults(func=_bench_libero)
+    lib = sub.add_parser("libero", help="paired FP / quantized LIBERO evaluation with the gate verdict")
+    lib.add_argument("--model", required=True, choices=["pi05", "gr00t-n15"])
+    lib.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    lib.add_argument("--checkpoint", help="FP checkpoint (safetensors file or folder)")
+    lib.add_argument("--quantizer", default="quantvla-w4a8", help="a preset (default quantvla-w4a8)")
+    lib.add_argument("--suites", default="spatial", help="comma-separated: spatial, object, goal, 10")
+    lib.add_argument("--episodes", type=int, default=20, help="pairs per suite")
+    lib.add_argument("--seed", type=int, default=0)
+    lib.add_argument("--margin", type=float, default=0.10)
+    lib.add_argument("--max-steps", type=int, help="cap episode length (smoke runs)")
+    lib.add_argument("--json", default="libero-report.json")
+    lib.set_defaults(func=_libero)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -80,3 +80,29 @@ def test_unknown_suite_is_a_clear_error(protocol):
     from quantvla.errors import QuantVLAError
     with pytest.raises(QuantVLAError, match="unknown LIBERO suite 'libero_space'"):
         TaskEnv("libero_space", 0, protocol)
+
+
+class NaNPolicy(ImagePolicy):
+    def infer(self, obs, instruction):
+        return np.full((10, 7), np.nan)
+
+
+def test_a_nan_action_makes_the_episode_errored_with_its_cause(protocol):
+    env = TaskEnv("libero_spatial", 0, protocol)
+    try:
+        r = env.run_episode(0, NaNPolicy(), seed=7, max_steps=5)
+    finally:
+        env.close()
+    assert not r.success and "non-finite action" in r.failure
+
+
+def test_cli_writes_the_table_and_a_json_report(tmp_path):
+    import json
+
+    from quantvla.__main__ import main
+    out = tmp_path / "report.json"
+    assert main(["libero", "--model", "pi05", "--suites", "spatial", "--episodes", "1", "--max-steps", "5",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["suites"]["libero_spatial"]["verdict"] == "inconclusive"  # one pair decides nothing
+    assert report["episodes"][0]["fp"]["steps"] == 5

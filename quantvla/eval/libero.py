@@ -143,6 +143,8 @@ class TaskEnv:
                     queries += 1
                     queue = list(actions[: p.replan_steps])
                 action = queue.pop(0)
+                if not np.all(np.isfinite(action)):
+                    raise ValueError(f"the policy returned a non-finite action at step {steps}: {action}")
                 if trace is not None:
                     trace.append((steps, np.array(action)))
                 self._render_next_step(policy.needs_images and not queue)  # a query reads this step's images
