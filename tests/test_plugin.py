@@ -167,3 +167,15 @@ def test_libero_gate_verdicts_are_decided_once_from_the_pairs():
     session = Session()
     reporter.pytest_sessionfinish(session)
     assert session.exitstatus == pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.mark.parametrize("model", ["pi05", "gr00t-n15"])
+def test_duquant_over_all_linears_fails_the_drift_check_the_default_passes(pytester, model):
+    """The paper's failing row (DuQuant on every LLM and DiT linear, DiT attention included)
+    drifts the attention statistics more than the reference does: the check has teeth."""
+    bad = pytester.runpytest_subprocess(f"--quantvla-model={model}", "--quantvla-quantizer=duquant-full-w4a8",
+                                        "-k", "attention_drift", "-q")
+    bad.stdout.fnmatch_lines(["*attention_drift: logit Std drift |log(quantized/FP)| = * at *, over the limit*"])
+    assert bad.ret == pytest.ExitCode.TESTS_FAILED
+    good = pytester.runpytest_subprocess(f"--quantvla-model={model}", "-k", "attention_drift", "-q")
+    assert good.ret == pytest.ExitCode.OK

@@ -1,0 +1,57 @@
+"""Attention drift against the reference quantizer. The paper's diagnosis (Sec. 3.2.2) is that
+quantization shifts the DiT attention's temperature (logit Std per head) and energy (output RMS
+per layer). For any quantizer, the worst |log(quantized / FP)| of both, measured on the held-out
+buffer, may exceed the reference quantizer's (its golden: golden/<model>-<config>-quantvla-<bits>.json)
+by at most DRIFT_FACTOR, or DRIFT_SLACK in absolute terms, whichever allows more."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from pytest_quantvla import golden
+from pytest_quantvla.checks.golden import measure
+from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.data import data_dir
+
+DRIFT_FACTOR = 1.5
+DRIFT_SLACK = 0.005
+
+
+def worst_drift(stats: dict) -> dict:
+    """Largest |log(student/teacher)| of logit Std (over heads) and output RMS (over layers), with where."""
+    std = max(((abs(math.log(s / t)), f"{site['name']} head {h}")
+               for site in stats["sites"] for h, (s, t) in enumerate(zip(site["student_std"], site["teacher_std"],
+                                                                         strict=True)) if s > 0 and t > 0),
+              default=(0.0, "-"))
+    rms = max(((abs(math.log(site["student_rms"] / site["teacher_rms"])), site["name"])
+               for site in stats["sites"] if site["student_rms"] > 0 and site["teacher_rms"] > 0), default=(0.0, "-"))
+    return {"logit_std": std, "output_rms": rms}
+
+
+def attention_drift(run) -> dict:
+    ref_run = type(run)(**{**run.__dict__, "quantizer": "quantvla"})
+    path = (run.golden_dir or data_dir("golden")) / golden.golden_name(ref_run)
+    reference = golden.load(path)
+    if reference is None:
+        raise CheckFailed(f"no reference golden at {path}; create it with: pytest --quantvla-model={run.model} "
+                          f"--quantvla-config={run.config} --quantvla-bits={run.bits} --quantvla-update-golden "
+                          "-k golden_statistics")
+    got, ref = worst_drift(measure(run)), worst_drift(reference)
+    problems = []
+    for key, label in (("logit_std", "logit Std"), ("output_rms", "output RMS")):
+        (value, where), (ref_value, _) = got[key], ref[key]
+        limit = max(DRIFT_FACTOR * ref_value, ref_value + DRIFT_SLACK)
+        if value > limit:
+            problems.append(f"{label} drift |log(quantized/FP)| = {value:.4f} at {where}, over the limit "
+                            f"{limit:.4f} (the larger of {DRIFT_FACTOR}x and +{DRIFT_SLACK} over the reference "
+                            f"quantvla-{run.bits}'s {ref_value:.4f})")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    return {"logit_std_drift": round(got["logit_std"][0], 6), "output_rms_drift": round(got["output_rms"][0], 6),
+            "reference_logit_std_drift": round(ref["logit_std"][0], 6),
+            "reference_output_rms_drift": round(ref["output_rms"][0], 6)}
+
+
+def checks(run):
+    yield f"{run.prefix}/attention_drift", functools.partial(attention_drift, run), ()
