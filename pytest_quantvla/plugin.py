@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pytest_quantvla import options
+from pytest_quantvla import options, report
 from pytest_quantvla.collect import CheckItem
 from pytest_quantvla.fixtures import (  # noqa: F401 - registered as the plugin's fixtures
     quantvla_calibration,
@@ -18,7 +18,6 @@ from pytest_quantvla.fixtures import (  # noqa: F401 - registered as the plugin'
     quantvla_run,
     quantvla_statistics,
 )
-from quantvla.io import write_json_atomic
 
 MARKERS = {
     "libero": "LIBERO success-rate gates (real simulator; nightly or on demand)",
@@ -119,23 +118,13 @@ class Reporter:
 def summarize(terminalreporter, run, results: dict, verdicts: dict) -> None:
     tr = terminalreporter
     tr.section(f"quantvla: {run.model} ({run.config}) {run.bits}, quantizer {run.quantizer}, seed {run.seed}")
-    for _, r in sorted(results.items()):
+    for r in results.values():
         if "golden_update" in r:
-            tr.write_line(f"{r['golden_update']}")
-    passed = sum(r["outcome"] == "passed" for r in results.values())
-    tr.write_line(f"{passed} of {len(results)} checks passed")
-    for nodeid, r in sorted(results.items()):
-        if "/memory[" in nodeid and "saving" in r:
-            tr.write_line(f"{nodeid}: {r['fp16_bytes']} -> {r['storage_bytes']} bytes "
-                          f"({r['saving']:.1%} saved, resident {r['resident_bytes']})")
-        elif nodeid.endswith("/golden_statistics") and "action_mse" in r:
-            tr.write_line(f"{nodeid}: action MSE against FP {r['action_mse']:.4g}")
-    rels = [r["relative_error"] for k, r in results.items() if "/layer_bounds[" in k and "relative_error" in r]
-    if rels:
-        tr.write_line(f"layer relative error: median {sorted(rels)[len(rels) // 2]:.4f}, max {max(rels):.4f} "
-                      f"over {len(rels)} layers")
+            tr.write_line(r["golden_update"])
+    tr.write_line(report.table(results))
     if run.report is not None:
-        write_json_atomic(run.report, {"run": {k: str(v) if v is not None else None
-                                               for k, v in run.__dict__.items()}, "checks": results,
-                                        "gates": {suite: v.to_dict() for suite, v in verdicts.items()}})
+        report.write_json(run.report, run, results, verdicts)
         tr.write_line(f"report written to {run.report}")
+        png = run.report.with_suffix(".png")
+        if report.write_plot(png, results):
+            tr.write_line(f"per-block attention statistics plotted to {png}")

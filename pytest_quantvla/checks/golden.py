@@ -4,12 +4,15 @@ golden/<model>-<config>-<quantizer>.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from pytest_quantvla import golden
 from pytest_quantvla.collect import CheckFailed
 from pytest_quantvla.data import data_dir
+from pytest_quantvla.quantizers import preset_for
 from pytest_quantvla.subject import subject
+from quantvla import quantize
 from quantvla.stats import paired_statistics
 
 
@@ -20,12 +23,35 @@ def measure(run) -> dict:
             "seed": run.seed, "quantized_layers": len(s.quantized_layers()), **stats}
 
 
+def per_block(run, stats: dict) -> list[dict]:
+    """Per DiT attention block: mean logit Std over heads and output RMS, teacher and quantized,
+    and for the reference quantizer also the same layers without ATM/OHB, all on the held-out
+    buffer: the data of the paper's Fig. 3."""
+    s = subject(run)
+    uncalibrated = {}
+    cfg = preset_for(run.quantizer, run.bits)
+    if cfg is not None and (cfg.atm or cfg.ohb):
+        plain = quantize(s.fp, s.calibration, dataclasses.replace(cfg, atm=False, ohb=False))
+        uncalibrated = {site["name"]: site for site in paired_statistics(s.fp, plain, s.held_out)["sites"]}
+    rows = []
+    for site in stats["sites"]:
+        row = {"name": site["name"], "teacher_std": sum(site["teacher_std"]) / len(site["teacher_std"]),
+               "quantized_std": sum(site["student_std"]) / len(site["student_std"]),
+               "teacher_rms": site["teacher_rms"], "quantized_rms": site["student_rms"]}
+        u = uncalibrated.get(site["name"])
+        if u is not None:
+            row["uncalibrated_std"] = sum(u["student_std"]) / len(u["student_std"])
+            row["uncalibrated_rms"] = u["student_rms"]
+        rows.append(row)
+    return rows
+
+
 def golden_statistics(run) -> dict:
     folder = run.golden_dir or data_dir("golden")
     path = folder / golden.golden_name(run)
     got = measure(run)
     expected = golden.load(path)
-    summary = {"action_mse": got["action_mse"], "golden": str(path)}
+    summary = {"action_mse": got["action_mse"], "golden": str(path), "per_block": per_block(run, got)}
     if run.update_golden:
         changes = ["new golden"] if expected is None else golden.compare(expected, got) or ["no change"]
         golden.write(path, got)

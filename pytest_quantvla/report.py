@@ -1,0 +1,80 @@
+"""The run's summary: a table (tabulate) of every built-in check with its measured value, the
+reference it is held to and that reference's source, and the verdict; the JSON report; a PNG of
+per-block attention statistics (the paper's Fig. 3) beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tabulate import tabulate
+
+from quantvla.io import atomic_write, write_json_atomic
+
+
+def _row(nodeid: str, r: dict) -> list:
+    verdict = r["outcome"]
+    check = nodeid.split("/")[-1]
+    if "kernel_exact" in nodeid:
+        return [check, f"{r.get('probes', '-')} probes", "int64 oracle, bit for bit", "quantvla.quant.kernels", verdict]
+    if "memory[full" in nodeid and "saving" in r:
+        return [check, f"{r['fp16_gib']:.2f} -> {r['storage_gib']:.3f} GiB ({r['saving']:.1%} saved)",
+                f"<= {r['paper_quantized']} GB, >= {r['paper_saving']:.1%} saved",
+                "paper Table 2 (reference/paper.json)", verdict]
+    if "memory[" in nodeid and "saving" in r:
+        return [check, f"{r['fp16_bytes']} -> {r['storage_bytes']} B ({r['saving']:.1%} saved)",
+                f"<= {r['budget_bytes']} B", "bit-width + 32 B/channel", verdict]
+    if "golden_statistics" in nodeid and "action_mse" in r:
+        return [check, f"action MSE {r['action_mse']:.3g}", Path(r["golden"]).name, "golden/", verdict]
+    if "attention_drift" in nodeid and "logit_std_drift" in r:
+        return [check, f"std {r['logit_std_drift']:.4f}, rms {r['output_rms_drift']:.4f}",
+                f"reference std {r['reference_logit_std_drift']:.4f}, rms {r['reference_output_rms_drift']:.4f}",
+                "golden/ (quantvla)", verdict]
+    return [check, (r.get("message") or "").splitlines()[-1][:60] if verdict == "failed" else "-", "-", "-", verdict]
+
+
+def table(results: dict) -> str:
+    rows, layers = [], [r for k, r in results.items() if "/layer_bounds[" in k]
+    for nodeid, r in sorted(results.items()):
+        if "/layer_bounds[" not in nodeid and "/libero[" not in nodeid:
+            rows.append(_row(nodeid, r))
+    if layers:
+        rels = sorted(r.get("relative_error", 0.0) for r in layers)
+        failed = sum(r["outcome"] != "passed" for r in layers)
+        rows.append([f"layer_bounds ({len(layers)} layers)", f"rel. error median {rels[len(rels) // 2]:.4f}, "
+                     f"max {rels[-1]:.4f}", "analytic bound per element", "docs/quantizer.md",
+                     "passed" if not failed else f"{failed} failed"])
+    return tabulate(rows, headers=["check", "measured", "reference", "source", "verdict"])
+
+
+def write_json(path: Path, run, results: dict, verdicts: dict) -> None:
+    write_json_atomic(path, {"run": {k: str(v) if v is not None else None for k, v in run.__dict__.items()},
+                             "checks": results, "gates": {s: v.to_dict() for s, v in verdicts.items()}})
+
+
+def write_plot(path: Path, results: dict) -> bool:
+    """PNG of per-block logit Std and output RMS: teacher, quantized, and before calibration."""
+    blocks = next((r["per_block"] for k, r in results.items() if k.endswith("/golden_statistics")
+                   and r.get("per_block")), None)
+    if not blocks:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    x = list(range(len(blocks)))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in ((axes[0], "std", "attention logit Std (mean over heads)"),
+                           (axes[1], "rms", "attention output RMS")):
+        ax.plot(x, [b[f"teacher_{key}"] for b in blocks], "o-", label="teacher (FP)")
+        if all(f"uncalibrated_{key}" in b for b in blocks):
+            ax.plot(x, [b[f"uncalibrated_{key}"] for b in blocks], "s--", label="quantized, no ATM/OHB")
+        ax.plot(x, [b[f"quantized_{key}"] for b in blocks], "^-", label="quantized")
+        ax.set_title(title)
+        ax.set_xlabel("DiT attention block")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return True
