@@ -53,3 +53,24 @@ def quantvla_memory(pytestconfig):
     from quantvla.memory import component_memory
     s = _subject(pytestconfig)
     return component_memory(s.fp, s.quantized)
+
+
+@pytest.fixture
+def quantvla_libero(pytestconfig):
+    """A factory of LIBERO task environments with the model's protocol, closed after the test:
+    env = quantvla_libero("libero_spatial", 0); env.run_episode(init_index, policy, seed)."""
+    from quantvla.eval.libero import TaskEnv
+    from quantvla.eval.protocols import load_protocol
+
+    run = pytestconfig.stash[RUN_KEY]
+    protocol = load_protocol({"gr00t-n15": "gr00t"}.get(run.model or "", "openpi"))
+    opened = []
+
+    def make(suite: str, task_id: int, **kwargs):
+        env = TaskEnv(suite, task_id, protocol, **kwargs)
+        opened.append(env)
+        return env
+
+    yield make
+    for env in opened:
+        env.close()

@@ -13,6 +13,7 @@ from pytest_quantvla.collect import CheckItem
 from pytest_quantvla.fixtures import (  # noqa: F401 - registered as the plugin's fixtures
     quantvla_calibration,
     quantvla_fp_model,
+    quantvla_libero,
     quantvla_memory,
     quantvla_quantized_model,
     quantvla_run,
@@ -33,7 +34,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
-    config.stash[options.RUN_KEY] = options.parse(config)
+    run = config.stash[options.RUN_KEY] = options.parse(config)
+    if run.model is not None:
+        from pytest_quantvla.quantizers import resolve
+        resolve(run.quantizer)  # an unknown or unimportable quantizer is a usage error, before collection
     if not hasattr(config, "workerinput"):  # the controller, or a serial run
         config.pluginmanager.register(Reporter(config), "quantvla-reporter")
 

@@ -72,6 +72,7 @@ def write_plot(path: Path, results: dict) -> bool:
             ax.plot(x, [b[f"uncalibrated_{key}"] for b in blocks], "s--", label="quantized, no ATM/OHB")
         ax.plot(x, [b[f"quantized_{key}"] for b in blocks], "^-", label="quantized")
         ax.set_title(title)
+        ax.set_xticks(x)
         ax.set_xlabel("DiT attention block")
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -179,3 +179,28 @@ def test_duquant_over_all_linears_fails_the_drift_check_the_default_passes(pytes
     assert bad.ret == pytest.ExitCode.TESTS_FAILED
     good = pytester.runpytest_subprocess(f"--quantvla-model={model}", "-k", "attention_drift", "-q")
     assert good.ret == pytest.ExitCode.OK
+
+
+def test_quantizer_registered_through_the_entry_point_group(pytester):
+    pytester.makepyfile(myquant="from quantvla import quantize as _q\n"
+                                "def quantize(model, calibration, bits):\n"
+                                "    return _q(model, calibration, 'rtn-w4a8')\n")
+    dist = pytester.mkdir("myquant-0.1.dist-info")
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myquant\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[pytest_quantvla.quantizers]\nmine = myquant:quantize\n")
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=mine", "--co", "-q")
+    result.stdout.fnmatch_lines(["quantvla/pi05/w4a8/mine/memory[[]tiny[]]"])
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=nope", "-q")
+    result.stderr.fnmatch_lines(["*--quantvla-quantizer='nope' is not valid; choose one of: quantvla, "
+                                 "quantvla-w4a8*mine*pkg.module:callable*"])
+
+
+def test_user_tests_get_the_fixtures(pytester):
+    pytester.makepyfile(test_mine="""
+        def test_memory_and_models(quantvla_memory, quantvla_fp_model, quantvla_quantized_model, quantvla_run):
+            assert quantvla_run.model == "pi05"
+            assert quantvla_memory.saving > 0.4
+            assert quantvla_fp_model is not quantvla_quantized_model
+    """)
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "test_mine.py", "-q", "-k", "test_memory")
+    result.stdout.fnmatch_lines(["*1 passed*"])
