@@ -26,7 +26,9 @@ class CheckItem(pytest.Item):
             self.user_properties.append((key, value))
 
     def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, (CheckFailed, QuantVLAError)):
+        from pytest_quantvla.golden import GoldenError
+
+        if isinstance(excinfo.value, (CheckFailed, QuantVLAError, GoldenError)):
             return f"{self.name}: {excinfo.value}"
         return super().repr_failure(excinfo, style=style)
 

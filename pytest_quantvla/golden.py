@@ -31,6 +31,14 @@ def _close(a, b, rel, abs_):
 
 def compare(expected: dict, got: dict) -> list[str]:
     """Differences beyond tolerance, as readable lines (empty when everything matches)."""
+    try:
+        return _compare(expected, got)
+    except (KeyError, TypeError, ValueError) as err:
+        raise GoldenError(f"the golden lacks or mangles a field ({type(err).__name__}: {err}); regenerate it with "
+                          "--quantvla-update-golden") from None
+
+
+def _compare(expected: dict, got: dict) -> list[str]:
     out = []
     if expected.get("quantized_layers") != got.get("quantized_layers"):
         out.append(f"quantized layers: {expected.get('quantized_layers')} -> {got.get('quantized_layers')}")
@@ -59,8 +67,20 @@ def compare(expected: dict, got: dict) -> list[str]:
     return out
 
 
+class GoldenError(ValueError):
+    """A golden file that cannot be read or lacks what a comparison needs."""
+
+
 def load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "sites" not in data or "action_mse" not in data:
+            raise ValueError("it lacks 'sites' or 'action_mse'")
+        return data
+    except ValueError as err:
+        raise GoldenError(f"golden {path} is corrupt ({err}); regenerate it with --quantvla-update-golden") from None
 
 
 def write(path: Path, data: dict) -> None:

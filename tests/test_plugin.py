@@ -204,3 +204,19 @@ def test_user_tests_get_the_fixtures(pytester):
     """)
     result = pytester.runpytest_subprocess("--quantvla-model=pi05", "test_mine.py", "-q", "-k", "test_memory")
     result.stdout.fnmatch_lines(["*1 passed*"])
+
+
+def test_a_corrupt_golden_is_a_clear_failure_not_a_traceback(pytester):
+    import json
+    golden = pytester.mkdir("goldens")
+    (golden / "pi05-tiny-quantvla-w4a8.json").write_text("{not json")
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", f"--quantvla-golden-dir={golden}", "-q",
+                                           "-k", "golden or drift")
+    result.stdout.fnmatch_lines(["*golden_statistics: golden *pi05-tiny-quantvla-w4a8.json is corrupt*"
+                                 "regenerate it with --quantvla-update-golden*"])
+    assert "Traceback" not in result.stdout.str()
+    site = "paligemma_with_expert.gemma_expert.model.layers.0.self_attn"
+    (golden / "pi05-tiny-quantvla-w4a8.json").write_text(json.dumps({"sites": [{"name": site}], "action_mse": 1.0}))
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", f"--quantvla-golden-dir={golden}", "-q",
+                                           "-k", "golden")
+    result.stdout.fnmatch_lines(["*the golden lacks or mangles a field*"])
