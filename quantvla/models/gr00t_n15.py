@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantvla.models.layers import LayerNorm, RMSNorm, attend, gelu_tanh, observe_output, rope, timestep_embedding
-from quantvla.models.observation import ModelInputs
+from quantvla.models.observation import ModelInputs, initial_noise
 from quantvla.models.protocol import AttentionSite, Role
 from quantvla.models.siglip import SiglipConfig, SiglipVisionModel
 
@@ -418,7 +418,7 @@ class GR00TN15(nn.Module):
         steps = num_steps or c.num_steps
         b = inputs.batch
         if noise is None:
-            noise = torch.randn(b, c.action_horizon, c.action_dim, generator=generator).to(inputs.tokens.device)
+            noise = initial_noise(c, b, generator, inputs.tokens.device)
         state = inputs.state if inputs.state is not None else torch.zeros(b, c.state_dim, device=noise.device)
         vl = self.vl_embeddings(inputs)
         x = noise.float()

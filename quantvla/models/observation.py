@@ -36,3 +36,8 @@ def random_inputs(n_images: int, image: int, vocab: int, tokens: int, batch: int
     mask[:, tokens - max(1, tokens // 4):] = False  # some padding, as real prompts have
     state = torch.randn(batch, state_dim, generator=g) if state_dim else None
     return ModelInputs(images, torch.ones(batch, n_images, dtype=torch.bool), ids, mask, state)
+
+
+def initial_noise(config, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """The flow-matching start: standard normal [batch, action_horizon, action_dim] (seeded by `generator`)."""
+    return torch.randn(batch, config.action_horizon, config.action_dim, generator=generator).to(device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantvla.models.layers import AdaRMSNorm, RMSNorm, attend, gelu_tanh, observe_output, rope, sinusoidal
-from quantvla.models.observation import ModelInputs
+from quantvla.models.observation import ModelInputs, initial_noise
 from quantvla.models.protocol import AttentionSite, Role
 from quantvla.models.siglip import SiglipConfig, SiglipVisionModel
 
@@ -259,7 +259,7 @@ class PI05(nn.Module):
         steps = num_steps or c.num_steps
         b = inputs.batch
         if noise is None:
-            noise = torch.randn(b, c.action_horizon, c.action_dim, generator=generator).to(inputs.tokens.device)
+            noise = initial_noise(c, b, generator, inputs.tokens.device)
         cache, pad = self.prefix_cache(inputs)
         x = noise.float()
         dt = -1.0 / steps
