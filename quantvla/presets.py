@@ -7,7 +7,7 @@ environment.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from quantvla.errors import QuantInputError
 from quantvla.quant.config import ActQuantConfig, DuQuantConfig, LinearQuantConfig, WeightQuantConfig
@@ -71,4 +71,4 @@ def preset(name: str, **overrides) -> QuantConfig:
     return replace(PRESETS[name], **overrides)
 
 
-__all__ = ["QuantConfig", "PRESETS", "preset", "LAYOUT_QUANTVLA", "LAYOUT_FULL", "field"]
+__all__ = ["QuantConfig", "PRESETS", "preset", "LAYOUT_QUANTVLA", "LAYOUT_FULL"]
