@@ -4,8 +4,6 @@ are the repository's top-level folders."""
 
 from __future__ import annotations
 
-import json
-from functools import lru_cache
 from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
@@ -16,6 +14,6 @@ def data_dir(name: str) -> Path:
     return packaged if packaged.is_dir() else _PKG.parent / name
 
 
-@lru_cache(maxsize=1)
 def paper() -> dict:
-    return json.loads((data_dir("reference") / "paper.json").read_text())
+    from quantvla.reference import paper as library_paper
+    return library_paper()

@@ -81,26 +81,11 @@ class Reporter:
 
     def gate_verdicts(self) -> dict:
         """Per suite: the paired non-inferiority verdict over the LIBERO pairs that ran."""
-        from pytest_quantvla.data import paper
-        from quantvla.eval.stats import paired_gate
+        from quantvla.eval.merge import gates_from_checks
 
         run = self.config.stash[options.RUN_KEY]
-        pairs: dict[str, list] = {}
-        for nodeid, r in sorted(self.results.items()):
-            if "/libero[" in nodeid:
-                suite = nodeid.split("/libero[")[1].split("/")[0]
-                ok = r["outcome"] == "passed"
-                pairs.setdefault(suite, []).append((r.get("fp_success") if ok else None,
-                                                    r.get("q_success") if ok else None))
-        success = paper()["success"]
-        reference = success.get(run.model, {})
-        name = run.quantizer if run.quantizer != "quantvla" else f"quantvla-{run.bits}"
-        verdicts = {}
-        for suite, outcomes in pairs.items():
-            i = success["suites"].index(suite)
-            delta = (reference[name][i] - reference["fp16"][i]) / 100 if name in reference else 0.0
-            verdicts[suite] = paired_gate([f for f, _ in outcomes], [q for _, q in outcomes], delta, run.margin)
-        return verdicts
+        quantizer = run.quantizer if run.quantizer != "quantvla" else f"quantvla-{run.bits}"
+        return gates_from_checks(self.results, run.model, quantizer, run.margin)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.verdicts = self.gate_verdicts()

@@ -4,6 +4,7 @@
   bench models    action-chunk latency of pi05 and gr00t-n15 (tiny by default)
   bench libero    naive vs render-on-query LIBERO episodes, side by side
   libero          paired FP / quantized LIBERO episodes, success table and gate verdict
+  merge-reports   combine the JSON reports of sharded runs, decide the gates once
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ def _libero(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from quantvla.eval import merge
+
+    try:
+        return merge.main(args.out, args.reports)
+    except (ValueError, OSError, KeyError) as err:
+        print(f"error: cannot merge: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantvla", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     lib.add_argument("--max-steps", type=int, help="cap episode length (smoke runs)")
     lib.add_argument("--json", default="libero-report.json")
     lib.set_defaults(func=_libero)
+    mr = sub.add_parser("merge-reports", help="merge sharded JSON reports and decide each suite's gate once")
+    mr.add_argument("out")
+    mr.add_argument("reports", nargs="+")
+    mr.set_defaults(func=_merge)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_quantvla.collect import CheckFailed
-from pytest_quantvla.data import data_dir
 from pytest_quantvla.subject import subject
 from quantvla import preset
 from quantvla.api import record_activations
 from quantvla.quant.bounds import output_error_bound, relative_error
 from quantvla.quant.linear import QuantLinear
+from quantvla.reference import reference_dir
 
 ADVERSARIAL_EXAMPLES = 25
 
@@ -33,7 +33,7 @@ def _activations(run) -> dict[str, torch.Tensor]:
 
 
 def _allowed_relative_error(bits: str) -> float:
-    return json.loads((data_dir("reference") / "layer_error.json").read_text())["max_relative_error"][bits]
+    return json.loads((reference_dir() / "layer_error.json").read_text())["max_relative_error"][bits]
 
 
 def _check(layer, lin, x: torch.Tensor, what: str, name: str, bits: str) -> float:

@@ -12,6 +12,7 @@ import torch
 
 from quantvla.eval.stats import paired_gate, wilson
 from quantvla.io import write_json_atomic
+from quantvla.reference import paper_delta
 
 SUITE_NAMES = {"spatial": "libero_spatial", "object": "libero_object", "goal": "libero_goal", "10": "libero_10",
                "long": "libero_10"}
@@ -59,23 +60,11 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizer: str, suit
             return None if (r["failure"] or "").startswith("error") else r["success"]
 
         verdict = paired_gate([outcome(e["fp"]) for e in rows], [outcome(e["quantized"]) for e in rows],
-                              _paper_delta(model_name, quantizer, suite), margin)
+                              paper_delta(model_name, quantizer, suite), margin)
         report["suites"][suite] = verdict.to_dict()
         write_json_atomic(out, report)
     _print_table(report, log)
     return report
-
-
-def _paper_delta(model: str, quantizer: str, suite: str) -> float:
-    import json
-
-    from quantvla.eval.protocols import _reference_dir
-    paper = json.loads((_reference_dir() / "paper.json").read_text())["success"]
-    ref = paper.get(model, {})
-    if quantizer not in ref:
-        return 0.0
-    i = paper["suites"].index(suite)
-    return (ref[quantizer][i] - ref["fp16"][i]) / 100
 
 
 def _print_table(report: dict, log) -> None:

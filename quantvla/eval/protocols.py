@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from quantvla.errors import QuantVLAError
-
-
-def _reference_dir() -> Path:
-    here = Path(__file__).resolve().parents[2]
-    for candidate in (here / "reference", here / "pytest_quantvla" / "reference"):
-        if candidate.is_dir():
-            return candidate
-    raise QuantVLAError("reference/ data not found next to the package")
+from quantvla.reference import reference_dir
 
 
 @dataclass(frozen=True)
@@ -40,7 +32,7 @@ class Protocol:
 
 
 def load_protocol(name: str) -> Protocol:
-    data = json.loads((_reference_dir() / "protocols.json").read_text())
+    data = json.loads((reference_dir() / "protocols.json").read_text())
     if name not in data or name == "note":
         raise QuantVLAError(f"unknown protocol {name!r}; choose one of: {', '.join(k for k in data if k != 'note')}")
     return Protocol(name=name, **data[name])

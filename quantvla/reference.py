@@ -1,0 +1,35 @@
+"""The paper's numbers and the evaluation protocols, as data (reference/ in a source checkout,
+pytest_quantvla/reference in a wheel)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from quantvla.errors import QuantVLAError
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> Path:
+    for candidate in (_ROOT / "pytest_quantvla" / "reference", _ROOT / "reference"):
+        if candidate.is_dir():
+            return candidate
+    raise QuantVLAError("the reference/ data is missing next to the package; reinstall pytest-quantvla")
+
+
+@lru_cache(maxsize=1)
+def paper() -> dict:
+    return json.loads((reference_dir() / "paper.json").read_text())
+
+
+def paper_delta(model: str, quantizer: str, suite: str) -> float:
+    """The paper's quantized-minus-FP16 success difference (a fraction) for a suite; 0 when the paper
+    has no row for this quantizer."""
+    success = paper()["success"]
+    rows = success.get(model, {})
+    if quantizer not in rows:
+        return 0.0
+    i = success["suites"].index(suite)
+    return (rows[quantizer][i] - rows["fp16"][i]) / 100

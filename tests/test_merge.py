@@ -1,0 +1,40 @@
+"""Merging sharded reports gives the verdicts a single run would."""
+
+import json
+
+import pytest
+
+from quantvla.__main__ import main
+from quantvla.eval.merge import merge
+
+RUN = {"model": "pi05", "config": "tiny", "bits": "w4a8", "quantizer": "quantvla", "seed": "0", "margin": "0.1"}
+
+
+def _report(path, suite, ks, lose_every=0):
+    checks = {f"quantvla/pi05/w4a8/libero[{suite}/task{k % 10}/init{k // 10:02d}]":
+              {"outcome": "passed", "fp_success": True, "q_success": not (lose_every and k % lose_every == 0)}
+              for k in ks}
+    path.write_text(json.dumps({"run": RUN, "checks": checks, "gates": {}}))
+    return path
+
+
+def test_shards_merge_into_one_verdict_per_suite(tmp_path):
+    a = _report(tmp_path / "a.json", "libero_spatial", range(0, 10))
+    b = _report(tmp_path / "b.json", "libero_spatial", range(10, 20))
+    c = _report(tmp_path / "c.json", "libero_object", range(0, 20), lose_every=2)
+    merged = merge([a, b, c])
+    assert merged["gates"]["libero_spatial"]["pairs"] == 20 and merged["gates"]["libero_spatial"]["verdict"] == "pass"
+    assert merged["gates"]["libero_object"]["verdict"] == "fail"
+    assert main(["merge-reports", str(tmp_path / "out.json"), str(a), str(b), str(c)]) == 1  # a failing gate
+
+
+def test_overlapping_or_foreign_shards_are_refused(tmp_path):
+    a = _report(tmp_path / "a.json", "libero_spatial", range(0, 10))
+    b = _report(tmp_path / "b.json", "libero_spatial", range(5, 15), lose_every=3)
+    with pytest.raises(ValueError, match="shards overlap"):
+        merge([a, b])
+    other = json.loads(a.read_text())
+    other["run"] = {**RUN, "bits": "w4a4"}
+    (tmp_path / "o.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="different runs"):
+        merge([a, tmp_path / "o.json"])
