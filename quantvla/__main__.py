@@ -26,7 +26,7 @@ def _bench_kernels(args) -> int:
         torch.set_num_threads(args.threads)
     ms = tuple(args.m) if args.m else kernels.DEFAULT_M
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, int8 CPU kernel exact: {cpu_kernel_ok()}")
-    rows = kernels.run(ms=ms, min_rounds=args.rounds, with_transform=not args.no_transform)
+    rows = kernels.run(ms=ms, min_rounds=args.rounds, with_transform=not args.no_transform, device=args.device)
     print(kernels.as_table(rows))
     if args.json:
         write_json_atomic(Path(args.json), {"torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per shape (default 7)")
     k.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     k.add_argument("--no-transform", action="store_true", help="skip the W4A8+DuQuant row")
+    k.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     k.add_argument("--json", help="also write the rows to this JSON file")
     k.set_defaults(func=_bench_kernels)
     mb = bench_sub.add_parser("models", help="action-chunk latency of the model zoo")

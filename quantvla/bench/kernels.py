@@ -55,15 +55,20 @@ def _time_interleaved(fns: dict, min_rounds: int, min_seconds: float) -> dict[st
     return {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 
+def _sync(device: str):
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
 @torch.no_grad()
 def run(ms=DEFAULT_M, kns=DEFAULT_KN, with_transform: bool = True, min_rounds: int = 7,
-        min_seconds: float = 0.5, seed: int = 0, log=print) -> list[KernelRow]:
+        min_seconds: float = 0.5, seed: int = 0, device: str = "cpu", log=print) -> list[KernelRow]:
     rows: list[KernelRow] = []
     gen = torch.Generator().manual_seed(seed)
+    sync = _sync(device)
     for k, n in kns:
         lin = nn.Linear(k, n, bias=False)
         lin.weight.copy_(torch.randn(n, k, generator=gen) * k**-0.5)
-        w32 = lin.weight
+        w32 = lin.weight.to(device)
         w16 = w32.to(torch.bfloat16)
         calib = torch.randn(64, k, generator=gen)
         layers = {"W8A8": QuantLinear.from_linear(lin, _config(8, 8, False)),
@@ -71,12 +76,17 @@ def run(ms=DEFAULT_M, kns=DEFAULT_KN, with_transform: bool = True, min_rounds: i
                   "W4A4": QuantLinear.from_linear(lin, _config(4, 4, False))}
         if with_transform:
             layers["W4A8+DuQuant"] = QuantLinear.from_linear(lin, _config(4, 8, True), calib=calib)
+        layers = {name: layer.to(device) for name, layer in layers.items()}
         for m in ms:
-            x = torch.randn(m, k, generator=gen)
+            x = torch.randn(m, k, generator=gen).to(device)
             x16 = x.to(torch.bfloat16)
-            fns = {"fp32 F.linear": lambda x=x, w=w32: F.linear(x, w),
-                   "bf16 F.linear": lambda x=x16, w=w16: F.linear(x, w)}
-            fns.update({name: (lambda layer=layer, x=x: layer(x)) for name, layer in layers.items()})
+
+            def timed(fn):
+                return lambda: (fn(), sync())
+
+            fns = {"fp32 F.linear": timed(lambda x=x, w=w32: F.linear(x, w)),
+                   "bf16 F.linear": timed(lambda x=x16, w=w16: F.linear(x, w))}
+            fns.update({name: timed(lambda layer=layer, x=x: layer(x)) for name, layer in layers.items()})
             med = _time_interleaved(fns, min_rounds, min_seconds)
             for name, t in med.items():
                 row = KernelRow(m, k, n, name, round(t, 4), round(med["fp32 F.linear"] / t, 2),
