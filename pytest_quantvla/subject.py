@@ -42,8 +42,8 @@ def subject(run: RunConfig) -> Subject:
     if run.checkpoint is not None:
         load_checkpoint(fp, run.checkpoint)
     fp = fp.to(run.device).eval()
-    calibration = CalibrationBuffer.synthetic(fp, CALIBRATION_ENTRIES, seed=run.seed)
-    held_out = CalibrationBuffer.synthetic(fp, HELD_OUT_ENTRIES, seed=run.seed + 1)
+    calibration = CalibrationBuffer.synthetic(fp, CALIBRATION_ENTRIES, seed=run.seed).to(run.device)
+    held_out = CalibrationBuffer.synthetic(fp, HELD_OUT_ENTRIES, seed=run.seed + 1).to(run.device)
     quantize = quantizers.resolve(run.quantizer)
     report = None
     if getattr(quantize, "quantvla_preset", False) is not False:  # the reference: keep its report

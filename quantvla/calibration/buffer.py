@@ -46,6 +46,10 @@ class CalibrationBuffer:
         return cls.from_inputs([model.example_inputs(seed=seed * 100_003 + i) for i in range(n)],
                                c.action_horizon, c.action_dim, seed)
 
+    def to(self, device) -> CalibrationBuffer:
+        """The same entries on another device (noise included, so pairs stay paired)."""
+        return CalibrationBuffer([x.to(device) for x in self.inputs], [z.to(device) for z in self.noise])
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for i, (x, z) in enumerate(zip(self.inputs, self.noise, strict=True)):
