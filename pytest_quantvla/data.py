@@ -1,6 +1,5 @@
-"""Where the plugin's data lives: reference/ (the paper's numbers) and golden/ (goldens, small
-checkpoints). In a wheel they are package data under pytest_quantvla/; in a source checkout they
-are the repository's top-level folders."""
+"""Where the plugin's goldens live: package data under pytest_quantvla/golden in a wheel, the
+repository's top-level golden/ in a source checkout. (The paper's numbers: quantvla.reference.)"""
 
 from __future__ import annotations
 
@@ -13,7 +12,3 @@ def data_dir(name: str) -> Path:
     packaged = _PKG / name
     return packaged if packaged.is_dir() else _PKG.parent / name
 
-
-def paper() -> dict:
-    from quantvla.reference import paper as library_paper
-    return library_paper()

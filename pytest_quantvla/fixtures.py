@@ -60,10 +60,10 @@ def quantvla_libero(pytestconfig):
     """A factory of LIBERO task environments with the model's protocol, closed after the test:
     env = quantvla_libero("libero_spatial", 0); env.run_episode(init_index, policy, seed)."""
     from quantvla.eval.libero import TaskEnv
-    from quantvla.eval.protocols import load_protocol
+    from quantvla.eval.protocols import protocol_for
 
     run = pytestconfig.stash[RUN_KEY]
-    protocol = load_protocol({"gr00t-n15": "gr00t"}.get(run.model or "", "openpi"))
+    protocol = protocol_for(run.model or "pi05")
     opened = []
 
     def make(suite: str, task_id: int, **kwargs):

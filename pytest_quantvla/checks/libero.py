@@ -11,9 +11,8 @@ import functools
 import pytest
 
 from pytest_quantvla.subject import subject
-from quantvla.eval.protocols import load_protocol
+from quantvla.eval.protocols import protocol_for
 
-PROTOCOL = {"pi05": "openpi", "gr00t-n15": "gr00t"}
 TASKS_PER_SUITE = 10
 _envs: dict = {}
 
@@ -36,7 +35,7 @@ def pair(run, suite: str, task: int, init_index: int) -> dict:
     from quantvla.eval.policy import ModelPolicy
 
     s = subject(run)
-    protocol = load_protocol(PROTOCOL[run.model])
+    protocol = protocol_for(run.model)
     env = _env(suite, task, protocol)
     out = {"suite": suite, "task": task, "init": init_index}
     for label, model in (("fp", s.fp), ("q", s.quantized)):

@@ -10,11 +10,11 @@ import functools
 import torch
 
 from pytest_quantvla.collect import CheckFailed
-from pytest_quantvla.data import paper
 from pytest_quantvla.quantizers import preset_for
 from pytest_quantvla.subject import subject
 from quantvla.memory import COMPONENT_ROLES, GIB, component_memory, projected_memory
 from quantvla.models import build
+from quantvla.reference import paper
 
 # Per-channel allowance of a quantized layer: room for 8 four-byte vectors per input and output
 # channel (scales, zero-point sums, smoothing, permutation, bias...), beyond its packed integers.

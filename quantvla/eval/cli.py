@@ -10,13 +10,12 @@ from pathlib import Path
 
 import torch
 
-from quantvla.eval.stats import paired_gate, wilson
+from quantvla.eval.stats import paired_gate
 from quantvla.io import write_json_atomic
 from quantvla.reference import paper_delta
 
 SUITE_NAMES = {"spatial": "libero_spatial", "object": "libero_object", "goal": "libero_goal", "10": "libero_10",
                "long": "libero_10"}
-PROTOCOL = {"pi05": "openpi", "gr00t-n15": "gr00t"}
 
 
 def run(model_name: str, size: str, checkpoint: str | None, quantizer: str, suites: list[str], episodes: int,
@@ -24,7 +23,7 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizer: str, suit
     from quantvla import CalibrationBuffer, preset, quantize
     from quantvla.eval.libero import TaskEnv
     from quantvla.eval.policy import ModelPolicy
-    from quantvla.eval.protocols import load_protocol
+    from quantvla.eval.protocols import protocol_for
     from quantvla.models import build
     from quantvla.models.checkpoint import load_checkpoint
 
@@ -33,7 +32,7 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizer: str, suit
     if checkpoint:
         load_checkpoint(fp, checkpoint)
     q = quantize(fp, CalibrationBuffer.synthetic(fp, 8, seed=seed), preset(quantizer))
-    protocol = load_protocol(PROTOCOL[model_name])
+    protocol = protocol_for(model_name)
     report = {"model": model_name, "config": size, "checkpoint": checkpoint, "quantizer": quantizer, "seed": seed,
               "protocol": protocol.name, "episodes": [], "suites": {}}
     for suite in suites:
@@ -71,9 +70,9 @@ def _print_table(report: dict, log) -> None:
     from tabulate import tabulate
     rows = []
     for suite, v in report["suites"].items():
-        f, q = wilson(v["fp"]["successes"], v["pairs"]), wilson(v["quantized"]["successes"], v["pairs"])
-        rows.append([suite, v["pairs"], f"{f.successes}/{v['pairs']} [{f.low:.2f}, {f.high:.2f}]",
-                     f"{q.successes}/{v['pairs']} [{q.low:.2f}, {q.high:.2f}]", f"{v['delta0']:+.3f}",
+        f, q = v["fp"], v["quantized"]  # the verdict already carries both Wilson intervals
+        rows.append([suite, v["pairs"], f"{f['successes']}/{v['pairs']} [{f['low']:.2f}, {f['high']:.2f}]",
+                     f"{q['successes']}/{v['pairs']} [{q['low']:.2f}, {q['high']:.2f}]", f"{v['delta0']:+.3f}",
                      v["verdict"], v["reason"]])
     log(tabulate(rows, headers=["suite", "pairs", "FP (Wilson 95%)", "quantized (Wilson 95%)", "delta0", "verdict",
                                 "why"]))

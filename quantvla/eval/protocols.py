@@ -31,6 +31,14 @@ class Protocol:
         return self.max_steps[suite]
 
 
+# Each model family's own LIBERO protocol (models.md section 3).
+FAMILY_PROTOCOL = {"pi05": "openpi", "gr00t-n15": "gr00t"}
+
+
+def protocol_for(family: str) -> Protocol:
+    return load_protocol(FAMILY_PROTOCOL.get(family, "openpi"))
+
+
 def load_protocol(name: str) -> Protocol:
     data = json.loads((reference_dir() / "protocols.json").read_text())
     if name not in data or name == "note":
