@@ -9,7 +9,7 @@ import pytest
 
 MODELS = ("pi05", "gr00t-n15")
 BITS = ("w4a8", "w4a4", "w8a8")
-CONFIGS = ("tiny", "full")
+CONFIGS = ("trained", "tiny", "full")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class RunConfig:
     update_golden: bool
     report: Path | None
     episodes: int = 20
-    suites: tuple[str, ...] = ("libero_spatial",)
+    suites: tuple[str, ...] | None = None  # None: the trained policy's suite (libero_spatial otherwise)
     margin: float = 0.10
 
     @property
@@ -40,18 +40,21 @@ RUN_KEY = pytest.StashKey[RunConfig]()
 # name, ini/CLI default, help, valid choices (None: free-form)
 _OPTIONS = [
     ("model", None, "model under test: " + " | ".join(MODELS) + "; turns the built-in checks on", MODELS),
-    ("config", "tiny", "model size: tiny (CPU, small checkpoints; the default) | full", CONFIGS),
+    ("config", "trained", "trained (the default: the small LIBERO policy trained on expert demos, shipped in "
+                          "golden/policies; object-state tokens stand in for the camera) | tiny (random weights, "
+                          "images) | full (random weights, the real sizes)", CONFIGS),
     ("bits", "w4a8", "bit-width setting: " + " | ".join(BITS), BITS),
     ("quantizer", "quantvla", "quantvla (the reference, the default) | a preset name | pkg.module:callable | "
                               "a name registered in the pytest_quantvla.quantizers entry-point group", None),
-    ("checkpoint", None, "FP checkpoint to load (safetensors file or folder, any supported layout)", None),
+    ("checkpoint", None, "FP checkpoint to load (safetensors file or folder, any supported layout; with "
+                         "--quantvla-config=trained, a policy folder written by python -m quantvla train-tiny)", None),
     ("device", "cpu", "cpu | cuda | cuda:N", None),
     ("seed", "0", "seed of every random choice (an integer)", None),
     ("golden_dir", None, "folder of golden statistics (default: the goldens shipped with the plugin)", None),
     ("report", None, "write a JSON report of every measurement to this path", None),
     ("episodes", "20", "LIBERO gate: paired episodes (FP and quantized on the same init state) per suite", None),
-    ("suites", "libero_spatial", "LIBERO gate: comma-separated suites (libero_spatial, libero_object, libero_goal, "
-                                 "libero_10)", None),
+    ("suites", None, "LIBERO gate: comma-separated suites (default: the trained policy's, else libero_spatial): "
+                     "libero_spatial, libero_object, libero_goal, libero_10", None),
     ("margin", "0.10", "LIBERO gate: non-inferiority margin below the paper's quantized-minus-FP delta", None),
 ]
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
@@ -97,9 +100,11 @@ def parse(config: pytest.Config) -> RunConfig:
         episodes, margin = int(values["episodes"]), float(values["margin"])
     except ValueError:
         raise pytest.UsageError("--quantvla-episodes must be an integer and --quantvla-margin a number") from None
-    suites = tuple(x.strip() for x in values["suites"].split(",") if x.strip())
-    bad = [x for x in suites if x not in SUITES]
-    if bad or not suites or episodes < 1:
+    suites = None
+    if values["suites"] is not None:
+        suites = tuple(x.strip() for x in values["suites"].split(",") if x.strip())
+    bad = [x for x in suites or () if x not in SUITES]
+    if bad or suites == () or episodes < 1:
         raise pytest.UsageError(f"--quantvla-suites={values['suites']!r} / --quantvla-episodes={episodes} is not "
                                 f"valid; suites are {', '.join(SUITES)} and episodes at least 1")
     path = lambda v: Path(v) if v else None  # noqa: E731

@@ -1,20 +1,28 @@
-"""The model under test, built once per process: the FP model (seeded, or loaded from
---quantvla-checkpoint), a calibration buffer, a held-out buffer, and the quantized model made by
-the run's quantizer. Every xdist worker builds the same one from the same seed."""
+"""The model under test, built once per process: the FP model, a calibration buffer, a held-out
+buffer, and the quantized model made by the run's quantizer. Every xdist worker builds the same
+one from the same seed.
+
+--quantvla-config=trained (the default): the small LIBERO policy shipped in golden/policies (or the
+policy folder given as --quantvla-checkpoint), calibrated and held out on its own recorded demo
+observations. tiny / full: seeded random weights (or --quantvla-checkpoint) and synthetic inputs."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pytest_quantvla import quantizers
+from pytest_quantvla.data import data_dir
 from pytest_quantvla.options import RunConfig
 from quantvla import CalibrationBuffer, QuantizationReport
+from quantvla.errors import QuantVLAError
 from quantvla.models import build
 from quantvla.models.checkpoint import load_checkpoint
+from quantvla.tiny.policy import Bundle, load_bundle
 
 CALIBRATION_ENTRIES = 8
 HELD_OUT_ENTRIES = 8
@@ -28,6 +36,7 @@ class Subject:
     held_out: CalibrationBuffer
     quantized: nn.Module
     report: QuantizationReport | None  # the reference quantizer's calibration report
+    bundle: Bundle | None = None  # the trained policy (config "trained")
 
     def quantized_layers(self) -> list[str]:
         """Names of the FP model's linears that the quantizer replaced."""
@@ -35,15 +44,30 @@ class Subject:
         return [n for n in self.fp.linear_roles() if type(q.get(n)) is not nn.Linear]
 
 
+def policy_path(run: RunConfig) -> Path:
+    """The trained policy of a run: --quantvla-checkpoint, else the one shipped for the model."""
+    return run.checkpoint if run.checkpoint is not None else data_dir("golden") / "policies" / f"{run.model}-tiny-state"
+
+
 @functools.lru_cache(maxsize=2)
 def subject(run: RunConfig) -> Subject:
     torch.manual_seed(run.seed)
-    fp = build(run.model, run.config)
-    if run.checkpoint is not None:
-        load_checkpoint(fp, run.checkpoint)
-    fp = fp.to(run.device).eval()
-    calibration = CalibrationBuffer.synthetic(fp, CALIBRATION_ENTRIES, seed=run.seed).to(run.device)
-    held_out = CalibrationBuffer.synthetic(fp, HELD_OUT_ENTRIES, seed=run.seed + 1).to(run.device)
+    bundle = None
+    if run.config == "trained":
+        bundle = load_bundle(policy_path(run))
+        if bundle.family != run.model:
+            raise QuantVLAError(f"{bundle.path} holds a {bundle.family} policy, not {run.model}")
+        fp = bundle.model.to(run.device).eval()
+        recorded = bundle.calibration()  # alternate entries (spread over tasks and phases): calibrate / hold out
+        calibration = CalibrationBuffer(recorded.inputs[::2], recorded.noise[::2]).to(run.device)
+        held_out = CalibrationBuffer(recorded.inputs[1::2], recorded.noise[1::2]).to(run.device)
+    else:
+        fp = build(run.model, run.config)
+        if run.checkpoint is not None:
+            load_checkpoint(fp, run.checkpoint)
+        fp = fp.to(run.device).eval()
+        calibration = CalibrationBuffer.synthetic(fp, CALIBRATION_ENTRIES, seed=run.seed).to(run.device)
+        held_out = CalibrationBuffer.synthetic(fp, HELD_OUT_ENTRIES, seed=run.seed + 1).to(run.device)
     quantize = quantizers.resolve(run.quantizer)
     report = None
     if getattr(quantize, "quantvla_preset", False) is not False:  # the reference: keep its report
@@ -51,4 +75,4 @@ def subject(run: RunConfig) -> Subject:
         quantized = quantize(fp, calibration, run.bits, report)
     else:
         quantized = quantize(fp, calibration, run.bits)
-    return Subject(run, fp, calibration, held_out, quantized.eval(), report)
+    return Subject(run, fp, calibration, held_out, quantized.eval(), report, bundle)

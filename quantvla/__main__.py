@@ -5,6 +5,9 @@
   bench libero    naive vs render-on-query LIBERO episodes, side by side
   libero          paired FP / quantized LIBERO episodes, success table and gate verdict
   merge-reports   combine the JSON reports of sharded runs, decide the gates once
+  expert          the scripted privileged-state expert's success on the official init states
+  demos           expert demonstrations from randomized resets (no rendering)
+  train-tiny      behaviour-clone a small state-based policy (flow matching) into a policy folder
 """
 
 from __future__ import annotations
@@ -84,6 +87,96 @@ def _merge(args) -> int:
         return 2
 
 
+def _tasks(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --tasks takes comma-separated task indices such as 0,1,2 (got {text!r})") from None
+
+
+def _expert(args) -> int:
+    from tabulate import tabulate
+
+    from quantvla.errors import QuantVLAError
+    from quantvla.eval.libero import TaskEnv
+    from quantvla.eval.protocols import load_protocol
+    from quantvla.eval.stats import wilson
+    from quantvla.tiny.demos import ExpertPolicy
+
+    protocol = load_protocol(args.protocol)
+    rows, report = [], {"suite": args.suite, "protocol": protocol.name, "tasks": {}}
+    try:
+        for task in _tasks(args.tasks):
+            env = TaskEnv(args.suite, task, protocol)
+            try:
+                results = [env.run_episode(k, ExpertPolicy(env), seed=protocol.seed) for k in range(args.inits)]
+            finally:
+                env.close()
+            wins = sum(r.success for r in results)
+            rate = wilson(wins, len(results))
+            lo, hi = rate.low, rate.high
+            steps = [r.steps for r in results if r.success]
+            report["tasks"][str(task)] = {"instruction": env.instruction, "successes": wins, "episodes": len(results),
+                                          "wilson95": [lo, hi], "failures": [r.failure for r in results if r.failure]}
+            rows.append([task, env.instruction, f"{wins}/{len(results)}", f"[{lo:.2f}, {hi:.2f}]",
+                         f"{sum(steps) / max(1, len(steps)):.0f}",
+                         f"{sum(r.wall_s for r in results) / len(results):.1f}"])
+            print(f"  task {task}: {wins}/{len(results)}", flush=True)
+    except QuantVLAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(tabulate(rows, headers=["task", "instruction", "success", "Wilson 95%", "mean steps", "s/episode"]))
+    if args.json:
+        write_json_atomic(Path(args.json), report)
+    return 0
+
+
+def _demos(args) -> int:
+    from quantvla.errors import QuantVLAError
+    from quantvla.tiny.demos import generate
+
+    try:
+        demos = generate(args.suite, _tasks(args.tasks), args.per_task, args.max_steps, args.workers,
+                         args.noisy_share, args.noise)
+    except QuantVLAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    demos.save(args.out)
+    print(f"wrote {args.out}: {len(demos.tasks)} demos, {len(demos.actions)} steps")
+    return 0
+
+
+def _train_tiny(args) -> int:
+    import torch
+
+    from quantvla.errors import QuantVLAError
+    from quantvla.tiny.demos import Demos
+    from quantvla.tiny.policy import save_bundle
+    from quantvla.tiny.train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        demos = Demos.load(args.demos)
+        cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+        model, adapter, calibration, record = train(args.model, demos, cfg)
+    except QuantVLAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = {"config_name": "tiny-state", "suite": demos.meta["suite"], "tasks": sorted(set(demos.tasks)),
+            "inputs": "object-state tokens (robot, goal object, container) and the instruction: a state-based "
+                      "stand-in for the camera; this policy never sees an image",
+            "training": record, "demos": {k: v for k, v in demos.meta.items() if k != "per_task_summary"},
+            "command": "python -m quantvla " + " ".join(sys.argv[1:]) if argv_is_cli() else None}
+    save_bundle(args.out, model, meta, adapter.tokenizer, adapter.stats, calibration)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def argv_is_cli() -> bool:
+    return Path(sys.argv[0]).name in ("__main__.py", "quantvla")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantvla", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +219,33 @@ def main(argv: list[str] | None = None) -> int:
     mr.add_argument("out")
     mr.add_argument("reports", nargs="+")
     mr.set_defaults(func=_merge)
+    ex = sub.add_parser("expert", help="the scripted expert's success on the official init states")
+    ex.add_argument("--suite", default="libero_object")
+    ex.add_argument("--tasks", default="0,1,2,3,4")
+    ex.add_argument("--inits", type=int, default=50, help="official init states per task (default 50)")
+    ex.add_argument("--protocol", default="openpi")
+    ex.add_argument("--json")
+    ex.set_defaults(func=_expert)
+    de = sub.add_parser("demos", help="expert demos from randomized resets, without rendering")
+    de.add_argument("--suite", default="libero_object")
+    de.add_argument("--tasks", default="0,1,2,3,4")
+    de.add_argument("--per-task", type=int, default=50)
+    de.add_argument("--max-steps", type=int, default=280)
+    de.add_argument("--workers", type=int, default=2)
+    de.add_argument("--noisy-share", type=float, default=0.6, help="share of demos executed with action noise")
+    de.add_argument("--noise", type=float, default=0.3, help="std of the executed arm-action noise")
+    de.add_argument("--out", required=True)
+    de.set_defaults(func=_demos)
+    tt = sub.add_parser("train-tiny", help="behaviour-clone a small state-based policy")
+    tt.add_argument("--model", required=True, choices=["pi05", "gr00t-n15"])
+    tt.add_argument("--demos", required=True)
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--steps", type=int, default=4000)
+    tt.add_argument("--batch", type=int, default=256)
+    tt.add_argument("--lr", type=float, default=3e-4)
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--threads", type=int)
+    tt.set_defaults(func=_train_tiny)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -39,16 +39,30 @@ def pair(run, suite: str, task: int, init_index: int) -> dict:
     env = _env(suite, task, protocol)
     out = {"suite": suite, "task": task, "init": init_index}
     for label, model in (("fp", s.fp), ("q", s.quantized)):
-        policy = ModelPolicy.for_model(model, [env.instruction], seed=run.seed)
+        policy = ModelPolicy.for_task(model, env, seed=run.seed, bundle=s.bundle)
         r = env.run_episode(init_index, policy, seed=protocol.seed)
         out[f"{label}_success"] = None if r.failure and r.failure.startswith("error") else r.success
         out[f"{label}_failure"], out[f"{label}_steps"], out[f"{label}_wall_s"] = r.failure, r.steps, round(r.wall_s, 2)
     return out
 
 
+def suites_and_tasks(run) -> dict[str, list[int]]:
+    """Per suite, the tasks that episodes cycle through: a trained policy's own suite and tasks
+    (asking for another suite is an error), else all ten tasks of each asked-for suite."""
+    bundle = subject(run).bundle
+    if bundle is None:
+        return {suite: list(range(TASKS_PER_SUITE)) for suite in run.suites or ("libero_spatial",)}
+    trained = bundle.meta["suite"]
+    if run.suites not in (None, (trained,)):
+        raise pytest.UsageError(f"the trained {run.model} policy ({bundle.path}) knows only {trained}; "
+                                f"--quantvla-suites={','.join(run.suites)} needs --quantvla-config=tiny or another "
+                                "policy")
+    return {trained: list(bundle.meta["tasks"])}
+
+
 def checks(run):
-    for suite in run.suites:
+    for suite, tasks in suites_and_tasks(run).items():
         for k in range(run.episodes):
-            task, init_index = k % TASKS_PER_SUITE, k // TASKS_PER_SUITE
+            task, init_index = tasks[k % len(tasks)], k // len(tasks)
             yield (f"{run.prefix}/libero[{suite}/task{task}/init{init_index:02d}]",
                    functools.partial(pair, run, suite, task, init_index), (pytest.mark.libero, pytest.mark.slow))

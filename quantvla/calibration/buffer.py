@@ -15,7 +15,7 @@ from quantvla.errors import QuantVLAError
 from quantvla.io import atomic_write, tensor_digest
 from quantvla.models.observation import ModelInputs
 
-_FIELDS = ("images", "image_mask", "tokens", "token_mask", "state")
+_FIELDS = ("images", "image_mask", "tokens", "token_mask", "state", "objects")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from quantvla.errors import QuantVLAError
 from quantvla.eval.stats import paired_gate
 from quantvla.io import write_json_atomic
 from quantvla.reference import paper_delta
@@ -26,24 +27,36 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizer: str, suit
     from quantvla.eval.protocols import protocol_for
     from quantvla.models import build
     from quantvla.models.checkpoint import load_checkpoint
+    from quantvla.tiny.policy import is_bundle, load_bundle
 
     torch.manual_seed(seed)
-    fp = build(model_name, size)
-    if checkpoint:
-        load_checkpoint(fp, checkpoint)
-    q = quantize(fp, CalibrationBuffer.synthetic(fp, 8, seed=seed), preset(quantizer))
+    bundle = None
+    if checkpoint and is_bundle(checkpoint):  # a small trained policy: its own model, calibration, tasks
+        bundle = load_bundle(checkpoint)
+        if bundle.family != model_name:
+            raise QuantVLAError(f"{checkpoint} is a {bundle.family} policy, not {model_name}")
+        fp = bundle.model
+        calibration = bundle.calibration()
+    else:
+        fp = build(model_name, size)
+        if checkpoint:
+            load_checkpoint(fp, checkpoint)
+        calibration = CalibrationBuffer.synthetic(fp, 8, seed=seed)
+    q = quantize(fp, calibration, preset(quantizer))
     protocol = protocol_for(model_name)
-    report = {"model": model_name, "config": size, "checkpoint": checkpoint, "quantizer": quantizer, "seed": seed,
+    report = {"model": model_name, "config": bundle.meta["config_name"] if bundle else size, "checkpoint": checkpoint,
+              "quantizer": quantizer, "seed": seed,
               "protocol": protocol.name, "episodes": [], "suites": {}}
     for suite in suites:
+        tasks = task_list(bundle, suite)
         envs: dict[int, TaskEnv] = {}
         try:
             for k in range(episodes):
-                task, init_index = k % 10, k // 10
+                task, init_index = tasks[k % len(tasks)], k // len(tasks)
                 env = envs.get(task) or envs.setdefault(task, TaskEnv(suite, task, protocol))
                 row = {"suite": suite, "task": task, "init": init_index}
                 for label, model in (("fp", fp), ("quantized", q)):
-                    r = env.run_episode(init_index, ModelPolicy.for_model(model, [env.instruction], seed=seed),
+                    r = env.run_episode(init_index, ModelPolicy.for_task(model, env, seed=seed, bundle=bundle),
                                         seed=protocol.seed, max_steps=max_steps)
                     row[label] = r.to_dict()
                 report["episodes"].append(row)
@@ -64,6 +77,15 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizer: str, suit
         write_json_atomic(out, report)
     _print_table(report, log)
     return report
+
+
+def task_list(bundle, suite: str) -> list[int]:
+    """The tasks episodes cycle through: a trained policy's own tasks, else all ten of the suite."""
+    if bundle is None:
+        return list(range(10))
+    if suite != bundle.meta["suite"]:
+        raise QuantVLAError(f"the policy in {bundle.path} was trained on {bundle.meta['suite']}, not {suite}")
+    return list(bundle.meta["tasks"])
 
 
 def _print_table(report: dict, log) -> None:

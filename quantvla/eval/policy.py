@@ -34,6 +34,18 @@ class ModelPolicy:
                                 action_norm="quantile" if family == "pi05" else "min_max", state_dim=state_dim)
         return cls(model, adapter, seed, num_steps)
 
+    @classmethod
+    def for_task(cls, model, task_env, seed: int = 0, bundle=None, num_steps: int | None = None) -> ModelPolicy:
+        """The policy for one LIBERO task: a trained state-based bundle reads the task's goal
+        objects and needs no images; any other model sees the cameras."""
+        if bundle is None:
+            return cls.for_model(model, [task_env.instruction], seed=seed, num_steps=num_steps)
+        from quantvla.eval.expert import goal_objects
+        _, obj, container = goal_objects(task_env.env)
+        policy = cls(model, bundle.adapter((obj, container)), seed, num_steps)
+        policy.needs_images = False
+        return policy
+
     def reset(self) -> None:
         self.queries = 0
 

@@ -11,8 +11,9 @@ from torch import nn
 from quantvla.models import gr00t_n15, pi05
 
 FAMILIES = {
-    "pi05": (pi05.PI05, {"tiny": pi05.TINY, "full": pi05.FULL}),
-    "gr00t-n15": (gr00t_n15.GR00TN15, {"tiny": gr00t_n15.TINY, "full": gr00t_n15.FULL}),
+    "pi05": (pi05.PI05, {"tiny": pi05.TINY, "tiny-state": pi05.TINY_STATE, "full": pi05.FULL}),
+    "gr00t-n15": (gr00t_n15.GR00TN15, {"tiny": gr00t_n15.TINY, "tiny-state": gr00t_n15.TINY_STATE,
+                                       "full": gr00t_n15.FULL}),
 }
 
 

@@ -60,6 +60,9 @@ class GR00TConfig:
     timestep_buckets: int = 1000
     max_token_len: int = 64
     num_images: int = 1
+    # object-state tokens (the small trained policies' stand-in for the camera): 0 = none
+    num_objects: int = 0
+    object_dim: int = 0
 
     @property
     def dit_width(self) -> int:
@@ -73,6 +76,14 @@ TINY = GR00TConfig(
     vl_blocks=2, vl_heads=2, vl_head_dim=32, vl_ff=256,
     dit_blocks=4, dit_heads=4, dit_head_dim=16, dit_ff=256, hidden_size=64,
     state_dim=16, max_token_len=16, max_seq_len=64,
+)
+# The small trained LIBERO policies: no camera; three object-state tokens stand in for it.
+TINY_STATE = GR00TConfig(
+    vision=SiglipConfig(width=64, depth=2, mlp=128, heads=2, patch=14, image=56),
+    llm=Qwen3Config(width=128, depth=2, mlp=256, heads=4, kv_heads=2, head_dim=32, vocab=64),
+    vl_blocks=2, vl_heads=2, vl_head_dim=32, vl_ff=256,
+    dit_blocks=4, dit_heads=4, dit_head_dim=16, dit_ff=256, hidden_size=64,
+    state_dim=16, max_token_len=16, max_seq_len=64, num_future_tokens=8, num_images=0, num_objects=3, object_dim=12,
 )
 
 
@@ -137,6 +148,8 @@ class EagleModel(nn.Module):
         super().__init__()
         self.vision_model = SiglipVisionModel(c.vision)
         self.mlp1 = nn.Sequential(nn.Linear(c.vision.width, c.llm.width))
+        # not in Isaac-GR00T: projects object-state tokens into the VL sequence, where image tokens would be
+        self.object_state_proj = nn.Linear(c.object_dim, c.llm.width) if c.object_dim else None
         self.language_model = Qwen3ForCausalLM(c.llm)
 
 
@@ -155,6 +168,9 @@ class EagleBackbone(nn.Module):
             img = inputs.images[:, i].to(em.vision_model.vision_model.embeddings.patch_embedding.weight.dtype)
             parts.append(em.mlp1(em.vision_model(img).to(dt)))
             masks.append(inputs.image_mask[:, i: i + 1].expand(-1, parts[-1].shape[1]))
+        if em.object_state_proj is not None:
+            parts.append(em.object_state_proj(inputs.objects.to(em.object_state_proj.weight.dtype)).to(dt))
+            masks.append(torch.ones(parts[-1].shape[:2], dtype=torch.bool, device=parts[-1].device))
         lm = em.language_model.model
         parts.append(lm.embed_tokens(inputs.tokens).to(dt))
         masks.append(inputs.token_mask)
@@ -311,6 +327,10 @@ class CategorySpecificLinear(nn.Module):
         self.b = nn.Parameter(torch.zeros(num, dim_out))
 
     def forward(self, x, emb_id):
+        ids = emb_id.unique()
+        if len(ids) == 1:  # one embodiment in the batch (always, in LIBERO): a plain matmul whose
+            i = int(ids[0])  # backward is deterministic, unlike the gather's scatter-add on CPU
+            return x @ self.W[i] + self.b[i]
         return torch.bmm(x, self.W[emb_id]) + self.b[emb_id][:, None]
 
 
@@ -382,7 +402,8 @@ class GR00TN15(nn.Module):
                 role = "llm"
             elif name.startswith("action_head.model.transformer_blocks."):
                 role = "dit_mlp" if ".ff." in name else "dit_attn" if ".attn1." in name else "other"
-            elif name.startswith(("backbone.eagle_model.vision_model.", "backbone.eagle_model.mlp1.")):
+            elif name.startswith(("backbone.eagle_model.vision_model.", "backbone.eagle_model.mlp1.",
+                                  "backbone.eagle_model.object_state_proj")):
                 role = "vision"
             else:
                 role = "other"  # vl_self_attention, AdaLayerNorm linears, timestep encoder, proj_out
@@ -430,4 +451,5 @@ class GR00TN15(nn.Module):
     def example_inputs(self, batch: int = 1, seed: int = 0) -> ModelInputs:
         from quantvla.models.observation import random_inputs
         c = self.config
-        return random_inputs(c.num_images, c.vision.image, c.llm.vocab, c.max_token_len, batch, c.state_dim, seed)
+        return random_inputs(c.num_images, c.vision.image, c.llm.vocab, c.max_token_len, batch, c.state_dim, seed,
+                             objects=(c.num_objects, c.object_dim))

@@ -15,6 +15,9 @@ class ModelInputs:
     tokens: torch.Tensor  # [B, L] int64
     token_mask: torch.Tensor  # [B, L] bool
     state: torch.Tensor | None = None  # [B, state_dim] (GR00T; pi05_libero never sees state)
+    # [B, n_objects, object_dim]: object-state tokens, the state-based stand-in for the camera of
+    # the small trained policies (models whose config has object_dim > 0); never a real VLA input
+    objects: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -23,11 +26,11 @@ class ModelInputs:
     def to(self, device) -> ModelInputs:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ModelInputs(move(self.images), move(self.image_mask), move(self.tokens), move(self.token_mask),
-                           move(self.state))
+                           move(self.state), move(self.objects))
 
 
 def random_inputs(n_images: int, image: int, vocab: int, tokens: int, batch: int = 1, state_dim: int = 0,
-                  seed: int = 0) -> ModelInputs:
+                  seed: int = 0, objects: tuple[int, int] = (0, 0)) -> ModelInputs:
     """Deterministic synthetic inputs (for tests, benchmarks and calibration smoke runs)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, n_images, 3, image, image, generator=g) * 2 - 1
@@ -35,7 +38,9 @@ def random_inputs(n_images: int, image: int, vocab: int, tokens: int, batch: int
     mask = torch.ones(batch, tokens, dtype=torch.bool)
     mask[:, tokens - max(1, tokens // 4):] = False  # some padding, as real prompts have
     state = torch.randn(batch, state_dim, generator=g) if state_dim else None
-    return ModelInputs(images, torch.ones(batch, n_images, dtype=torch.bool), ids, mask, state)
+    n_obj, obj_dim = objects
+    obj = torch.randn(batch, n_obj, obj_dim, generator=g) if obj_dim else None
+    return ModelInputs(images, torch.ones(batch, n_images, dtype=torch.bool), ids, mask, state, obj)
 
 
 def initial_noise(config, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:

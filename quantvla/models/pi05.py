@@ -43,6 +43,9 @@ class PI05Config:
     max_token_len: int = 200
     num_images: int = 3
     rope_theta: float = 10000.0
+    # object-state tokens (the small trained policies' stand-in for the camera): 0 = none
+    num_objects: int = 0
+    object_dim: int = 0
 
     def __post_init__(self):
         a, b = self.llm, self.expert
@@ -57,6 +60,13 @@ TINY = PI05Config(
     llm=GemmaConfig(64, 2, 128, 2, 1, 32, 512),
     expert=GemmaConfig(32, 2, 64, 2, 1, 32),
     max_token_len=16, num_images=2,
+)
+# The small trained LIBERO policies: no camera; three object-state tokens stand in for it.
+TINY_STATE = PI05Config(
+    vision=SiglipConfig(width=64, depth=2, mlp=128, heads=2, patch=14, image=56),
+    llm=GemmaConfig(128, 2, 256, 2, 1, 32, 64),
+    expert=GemmaConfig(128, 2, 256, 2, 1, 32),
+    max_token_len=16, num_images=0, num_objects=3, object_dim=12,
 )
 
 
@@ -155,6 +165,8 @@ class PI05(nn.Module):
         self.action_out_proj = nn.Linear(c.expert.width, c.action_dim)
         self.time_mlp_in = nn.Linear(c.expert.width, c.expert.width)
         self.time_mlp_out = nn.Linear(c.expert.width, c.expert.width)
+        # not in openpi: projects object-state tokens into the prefix, where image tokens would be
+        self.object_state_proj = nn.Linear(c.object_dim, c.llm.width) if c.object_dim else None
         experts = self.paligemma_with_expert.gemma_expert.model.layers
         prefix = "paligemma_with_expert.gemma_expert.model.layers"
         self._sites = [AttentionSite(f"{prefix}.{i}.self_attn", c.expert.heads, c.expert.head_dim,
@@ -171,7 +183,7 @@ class PI05(nn.Module):
                 role = "llm"
             elif ".gemma_expert.model.layers." in name and (".mlp." in name or ".self_attn." in name):
                 role = "dit_mlp" if ".mlp." in name else "dit_attn"
-            elif ".vision_tower." in name or ".multi_modal_projector." in name:
+            elif ".vision_tower." in name or ".multi_modal_projector." in name or name == "object_state_proj":
                 role = "vision"
             else:
                 role = "other"  # action_in/out_proj, time_mlp_*, adaRMS dense
@@ -203,6 +215,9 @@ class PI05(nn.Module):
             feats = pg.multi_modal_projector.linear(feats.to(pg.multi_modal_projector.linear.weight.dtype)).to(dt)
             parts.append(feats)
             masks.append(inputs.image_mask[:, i: i + 1].expand(-1, feats.shape[1]))
+        if self.object_state_proj is not None:
+            parts.append(self.object_state_proj(inputs.objects.to(self.object_state_proj.weight.dtype)).to(dt))
+            masks.append(torch.ones(parts[-1].shape[:2], dtype=torch.bool, device=parts[-1].device))
         text = self._lm.embed_tokens(inputs.tokens).to(dt) * math.sqrt(self.config.llm.width)
         parts.append(text)
         masks.append(inputs.token_mask)
@@ -271,7 +286,8 @@ class PI05(nn.Module):
     def example_inputs(self, batch: int = 1, seed: int = 0) -> ModelInputs:
         from quantvla.models.observation import random_inputs
         c = self.config
-        return random_inputs(c.num_images, c.vision.image, c.llm.vocab, c.max_token_len, batch, seed=seed)
+        return random_inputs(c.num_images, c.vision.image, c.llm.vocab, c.max_token_len, batch, seed=seed,
+                             objects=(c.num_objects, c.object_dim))
 
     def with_horizon(self, horizon: int) -> PI05Config:
         return replace(self.config, action_horizon=horizon)

@@ -1,0 +1,1 @@
+"""Small trained policies: expert demos, object-state features, flow-matching behaviour cloning."""

@@ -1,0 +1,158 @@
+"""The small trained policies: features, training, bundles, and the shipped policies on the real
+LIBERO simulator (official init states)."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pytest_quantvla.data import data_dir
+from quantvla.errors import QuantVLAError
+from quantvla.eval.expert import quat_to_mat, rotation_vector, top_down
+from quantvla.models import gr00t_n15, pi05
+from quantvla.tiny.demos import Demos
+from quantvla.tiny.features import NUM_OBJECTS, OBJECT_DIM, object_tokens
+from quantvla.tiny.policy import config_from_dict, is_bundle, load_bundle, save_bundle
+from quantvla.tiny.train import TrainConfig, chunk_index, split, train
+
+POLICIES = data_dir("golden") / "policies"
+FAMILIES = ["pi05", "gr00t-n15"]
+
+
+def _obs(rng):
+    def quat():
+        q = rng.normal(size=4)
+        return q / np.linalg.norm(q)
+    obs = {"robot0_eef_pos": rng.normal(size=3), "robot0_eef_quat": quat(), "robot0_gripper_qpos": rng.normal(size=2)}
+    for name in ("ketchup_1", "basket_1"):
+        obs[f"{name}_pos"], obs[f"{name}_quat"] = rng.normal(size=3), quat()
+    return obs
+
+
+def synthetic_demos(episodes=6, steps=12, seed=0) -> Demos:
+    """Demos with a learnable rule (action = clipped offset to the object), two tasks."""
+    rng = np.random.default_rng(seed)
+    tokens, actions, episode = [], [], []
+    for e in range(episodes):
+        for _ in range(steps):
+            obs = _obs(rng)
+            t = object_tokens(obs, ("ketchup_1", "basket_1"))
+            tokens.append(t)
+            actions.append(np.concatenate([np.clip(5 * t[1, 9:12], -1, 1), [0, 0, 0], [1 if e % 2 else -1]]))
+            episode.append(e)
+    tasks = [e % 2 for e in range(episodes)]
+    return Demos(torch.tensor(np.stack(tokens)), torch.tensor(np.stack(actions), dtype=torch.float32),
+                 torch.tensor(episode), tasks, [f"pick up task {t}" for t in tasks],
+                 {"suite": "libero_object", "per_task": episodes // 2})
+
+
+def test_rotation_helpers_are_consistent():
+    for yaw in (-1.4, 0.0, 0.7):
+        r = top_down(yaw)
+        assert np.allclose(r @ r.T, np.eye(3)) and np.isclose(np.linalg.det(r), 1)
+        assert np.allclose(rotation_vector(r @ r.T), 0)
+    # a 180-degree rotation about x (the top-down hand at yaw 0) has angle pi
+    assert np.isclose(np.linalg.norm(rotation_vector(np.diag([1.0, -1.0, -1.0]))), np.pi)
+    assert np.allclose(quat_to_mat(np.array([1.0, 0, 0, 0])), np.diag([1.0, -1.0, -1.0]))
+
+
+def test_object_tokens_shape_and_offsets():
+    obs = _obs(np.random.default_rng(1))
+    t = object_tokens(obs, ("ketchup_1", "basket_1"))
+    assert t.shape == (NUM_OBJECTS, OBJECT_DIM) and t.dtype == np.float32
+    assert np.allclose(t[1, 9:12], obs["ketchup_1_pos"] - obs["robot0_eef_pos"], atol=1e-6)
+    assert np.allclose(t[2, 6:9], obs["basket_1_pos"] - obs["ketchup_1_pos"], atol=1e-6)
+    with pytest.raises(KeyError):
+        object_tokens(obs, ("milk_1", "basket_1"))
+
+
+def test_chunks_stay_inside_their_episode():
+    episode = np.array([0, 0, 0, 1, 1])
+    idx = chunk_index(episode, 4)
+    assert idx.tolist() == [[0, 1, 2, 2], [1, 2, 2, 2], [2, 2, 2, 2], [3, 4, 4, 4], [4, 4, 4, 4]]
+    train_eps, held = split(synthetic_demos(episodes=8))
+    assert set(train_eps).isdisjoint(held) and len(held) == 4  # two held out per task
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_round_trip(family):
+    c = {"pi05": pi05.TINY_STATE, "gr00t-n15": gr00t_n15.TINY_STATE}[family]
+    assert config_from_dict(family, dataclasses.asdict(c)) == c
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_is_seeded_and_learns(family, tmp_path):
+    demos = synthetic_demos()
+    cfg = TrainConfig(steps=60, batch=32, warmup=5, lr=1e-3, seed=3)
+    a, adapter, calibration, rec = train(family, demos, cfg, log=lambda *_: None)
+    b, *_ = train(family, demos, cfg, log=lambda *_: None)
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+    assert rec["final_loss"] < 0.95 * rec["initial_loss"] and len(calibration) == 32
+    # bundle round trip: same actions from the reloaded folder
+    save_bundle(tmp_path / "p", a, {"config_name": "tiny-state", "suite": "libero_object", "tasks": [0, 1]},
+                adapter.tokenizer, adapter.stats, calibration)
+    assert is_bundle(tmp_path / "p")
+    loaded = load_bundle(tmp_path / "p")
+    x = calibration.inputs[0]
+    noise = calibration.noise[0]
+    assert torch.equal(a.sample_actions(x, noise), loaded.model.sample_actions(x, noise))
+    assert len(loaded.calibration()) == len(calibration)
+
+
+def test_adapter_target_inverts_actions():
+    demos = synthetic_demos()
+    for family in FAMILIES:
+        _, adapter, *_ = train(family, demos, TrainConfig(steps=1, batch=4, warmup=1), log=lambda *_: None)
+        env_actions = demos.actions.numpy()[:10]
+        target = adapter.target(env_actions)
+        chunk = torch.zeros(1, 10, 32)
+        chunk[0, :, :7] = torch.from_numpy(target)
+        back = adapter.actions(chunk)
+        assert np.allclose(back[:, :6], env_actions[:, :6], atol=1e-5), family
+        assert np.array_equal(back[:, 6], env_actions[:, 6]), family  # gripper +-1 survives (GR00T: binarized)
+
+
+def test_bad_bundle_and_demos_are_clear_errors(tmp_path):
+    with pytest.raises(QuantVLAError, match="not a trained-policy folder"):
+        load_bundle(tmp_path)
+    (tmp_path / "demos.safetensors").write_bytes(b"junk")
+    with pytest.raises(QuantVLAError, match="not a demos file"):
+        Demos.load(tmp_path / "demos.safetensors")
+    bad = tmp_path / "bad"
+    shutil.copytree(POLICIES / "pi05-tiny-state", bad)
+    meta = json.loads((bad / "policy.json").read_text())
+    (bad / "policy.json").write_text(json.dumps({**meta, "family": "pi7"}))
+    with pytest.raises(QuantVLAError, match="unknown family"):
+        load_bundle(bad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_policy_loads_with_its_record(family):
+    bundle = load_bundle(POLICIES / f"{family}-tiny-state")
+    assert bundle.family == family and bundle.meta["suite"] == "libero_object"
+    assert "stand-in for the camera" in bundle.meta["inputs"]
+    assert bundle.model.config.num_images == 0 and bundle.model.config.object_dim == OBJECT_DIM
+    roles = bundle.model.linear_roles()
+    assert roles[[n for n in roles if n.endswith("object_state_proj")][0]] == "vision"  # kept in FP like a camera
+
+
+@pytest.mark.libero
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_policy_succeeds_on_an_official_init_state(family):
+    """The FP policy, through the real runner and its family's protocol, on libero_object."""
+    pytest.importorskip("libero.libero", reason="needs the libero extra")
+    from quantvla.eval.libero import TaskEnv
+    from quantvla.eval.policy import ModelPolicy
+    from quantvla.eval.protocols import protocol_for
+
+    bundle = load_bundle(POLICIES / f"{family}-tiny-state")
+    env = TaskEnv("libero_object", bundle.meta["tasks"][0], protocol_for(family))
+    try:
+        r = env.run_episode(0, ModelPolicy.for_task(bundle.model, env, seed=0, bundle=bundle), seed=7)
+    finally:
+        env.close()
+    assert r.success, r
