@@ -27,6 +27,7 @@ class RunConfig:
     episodes: int = 20
     suites: tuple[str, ...] | None = None  # None: the trained policy's suite (libero_spatial otherwise)
     margin: float = 0.10
+    record: Path | None = None
 
     @property
     def prefix(self) -> str:
@@ -56,6 +57,8 @@ _OPTIONS = [
     ("suites", None, "LIBERO gate: comma-separated suites (default: the trained policy's, else libero_spatial): "
                      "libero_spatial, libero_object, libero_goal, libero_10", None),
     ("margin", "0.10", "LIBERO gate: non-inferiority margin below the paper's quantized-minus-FP delta", None),
+    ("record", None, "LIBERO gate: save each failed episode as an animated GIF in this folder (replayed with the "
+                     "camera on)", None),
 ]
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 
@@ -110,4 +113,5 @@ def parse(config: pytest.Config) -> RunConfig:
     path = lambda v: Path(v) if v else None  # noqa: E731
     return RunConfig(values["model"], values["config"], values["bits"], device, seed,
                      values["quantizer"] or "quantvla", checkpoint, path(values["golden_dir"]),
-                     bool(_value(config, "update_golden")), path(values["report"]), episodes, suites, margin)
+                     bool(_value(config, "update_golden")), path(values["report"]), episodes, suites, margin,
+                     path(values["record"]))

@@ -78,6 +78,28 @@ class Reporter:
             entry["outcome"] = "failed"
             entry["message"] = str(report.longrepr)[-2000:]
         entry.update(dict(report.user_properties))
+        if "/libero[" in report.nodeid and report.when == "call":
+            self._progress(report.nodeid, entry)
+
+    def _progress(self, nodeid: str, entry: dict) -> None:
+        """One live line per finished pair: which, the running tally, and the time left."""
+        import time
+
+        run = self.config.stash[options.RUN_KEY]
+        now = time.monotonic()
+        self._started = getattr(self, "_started", now - float(entry.get("fp_wall_s", 0) + entry.get("q_wall_s", 0)))
+        pairs = [r for k, r in self.results.items() if "/libero[" in k]
+        total = run.episodes * len(run.suites or (None,))
+        fp = sum(bool(r.get("fp_success")) for r in pairs)
+        q = sum(bool(r.get("q_success")) for r in pairs)
+        left = (now - self._started) / len(pairs) * max(0, total - len(pairs))
+        mark = lambda ok: "ok" if ok else ("error" if ok is None else "--")  # noqa: E731
+        where = nodeid.split("/libero[")[1].rstrip("]")
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"LIBERO {where}: FP {mark(entry.get('fp_success'))}, quantized "
+                          f"{mark(entry.get('q_success'))} | {len(pairs)}/{total} pairs, FP {fp}, quantized {q}, "
+                          f"about {left / 60:.1f} min left")
 
     def gate_verdicts(self) -> dict:
         """Per suite: the paired non-inferiority verdict over the LIBERO pairs that ran."""

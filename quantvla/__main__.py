@@ -68,7 +68,8 @@ def _libero(args) -> int:
 
     try:
         suites = [cli.SUITE_NAMES.get(x.strip(), x.strip()) for x in args.suites.split(",") if x.strip()]
-        cli.run(args.model, args.size, args.checkpoint, args.quantizer, suites, args.episodes, args.seed,
+        quantizers = [x.strip() for x in args.quantizer.split(",") if x.strip()]
+        cli.run(args.model, args.size, args.checkpoint, quantizers, suites, args.episodes, args.seed,
                 args.margin, Path(args.json), max_steps=args.max_steps)
     except QuantVLAError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -206,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     lib = sub.add_parser("libero", help="paired FP / quantized LIBERO evaluation with the gate verdict")
     lib.add_argument("--model", required=True, choices=["pi05", "gr00t-n15"])
     lib.add_argument("--size", default="tiny", choices=["tiny", "full"])
-    lib.add_argument("--checkpoint", help="FP checkpoint (safetensors file or folder)")
-    lib.add_argument("--quantizer", default="quantvla-w4a8", help="a preset (default quantvla-w4a8)")
+    lib.add_argument("--checkpoint", help="FP checkpoint (safetensors file or folder), or a trained policy folder "
+                                          "(golden/policies/...): then its own tasks and calibration")
+    lib.add_argument("--quantizer", default="quantvla-w4a8",
+                     help="a preset, or several comma-separated (each paired with the same FP episodes)")
     lib.add_argument("--suites", default="spatial", help="comma-separated: spatial, object, goal, 10")
     lib.add_argument("--episodes", type=int, default=20, help="pairs per suite")
     lib.add_argument("--seed", type=int, default=0)

@@ -104,5 +104,21 @@ def test_cli_writes_the_table_and_a_json_report(tmp_path):
     assert main(["libero", "--model", "pi05", "--suites", "spatial", "--episodes", "1", "--max-steps", "5",
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["suites"]["libero_spatial"]["verdict"] == "inconclusive"  # one pair decides nothing
+    assert report["gates"]["quantvla-w4a8"]["libero_spatial"]["verdict"] == "inconclusive"  # one pair decides nothing
     assert report["episodes"][0]["fp"]["steps"] == 5
+
+
+def test_recording_replays_the_same_episode_into_a_gif(protocol, tmp_path):
+    from PIL import Image
+    env = TaskEnv("libero_spatial", 0, protocol)
+    try:
+        plain = env.run_episode(1, ImagePolicy(), seed=7, max_steps=12)
+        recorded = env.record(1, ImagePolicy(), seed=7, path=tmp_path / "ep.gif", every=3, max_steps=12)
+        state = env.sim_state()
+        env.run_episode(1, ImagePolicy(), seed=7, max_steps=12)
+        assert np.array_equal(state, env.sim_state())  # the camera changed nothing
+    finally:
+        env.close()
+    assert (plain.success, plain.steps, plain.queries) == (recorded.success, recorded.steps, recorded.queries)
+    gif = Image.open(tmp_path / "ep.gif")
+    assert 2 <= gif.n_frames <= 4 and gif.size == (protocol.render, protocol.render)

@@ -104,7 +104,7 @@ def test_third_party_fake_quantizer_fails_the_memory_check(pytester):
     pytester.makepyfile(fakequant=FAKE_QUANTIZER)
     result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=fakequant:quantize", "-v",
                                            "-k", "memory or layers.0.mlp.up")
-    result.stdout.fnmatch_lines(["*quantvla/pi05/w4a8/fakequant:quantize/memory[[]tiny[]] FAILED*"])
+    result.stdout.fnmatch_lines(["*quantvla/pi05/w4a8/fakequant:quantize/memory[[]trained[]] FAILED*"])
     result.stdout.fnmatch_lines(["*weights are not stored at the claimed bit-width*"])
     # its layers are accurate: only the memory claim is false
     result.stdout.fnmatch_lines(["*layer_bounds[[]*layers.0.mlp.up_proj[]] PASSED*"])
@@ -115,13 +115,13 @@ def test_missing_golden_names_the_command_and_update_writes_it(pytester):
     golden = pytester.path / "goldens"
     args = ["--quantvla-model=gr00t-n15", f"--quantvla-golden-dir={golden}", "-k", "golden", "-q"]
     result = pytester.runpytest_subprocess(*args)
-    result.stdout.fnmatch_lines(["*no golden at*gr00t-n15-tiny-quantvla-w4a8.json; create it with: pytest "
-                                 "--quantvla-model=gr00t-n15 --quantvla-config=tiny --quantvla-bits=w4a8 "
+    result.stdout.fnmatch_lines(["*no golden at*gr00t-n15-trained-quantvla-w4a8.json; create it with: pytest "
+                                 "--quantvla-model=gr00t-n15 --quantvla-config=trained --quantvla-bits=w4a8 "
                                  "--quantvla-update-golden*"])
     result = pytester.runpytest_subprocess(*args, "--quantvla-update-golden")
-    result.stdout.fnmatch_lines(["*wrote*gr00t-n15-tiny-quantvla-w4a8.json: new golden*"])
+    result.stdout.fnmatch_lines(["*wrote*gr00t-n15-trained-quantvla-w4a8.json: new golden*"])
     assert pytester.runpytest_subprocess(*args).ret == 0
-    path = golden / "gr00t-n15-tiny-quantvla-w4a8.json"
+    path = golden / "gr00t-n15-trained-quantvla-w4a8.json"
     data = json.loads(path.read_text())
     data["sites"][0]["student_std"][0] *= 1.1  # a quantizer whose first head drifted by 10%
     path.write_text(json.dumps(data))
@@ -189,7 +189,7 @@ def test_quantizer_registered_through_the_entry_point_group(pytester):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myquant\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[pytest_quantvla.quantizers]\nmine = myquant:quantize\n")
     result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=mine", "--co", "-q")
-    result.stdout.fnmatch_lines(["quantvla/pi05/w4a8/mine/memory[[]tiny[]]"])
+    result.stdout.fnmatch_lines(["quantvla/pi05/w4a8/mine/memory[[]trained[]]"])
     result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=nope", "-q")
     result.stderr.fnmatch_lines(["*--quantvla-quantizer='nope' is not valid; choose one of: quantvla, "
                                  "quantvla-w4a8*mine*pkg.module:callable*"])
@@ -209,14 +209,36 @@ def test_user_tests_get_the_fixtures(pytester):
 def test_a_corrupt_golden_is_a_clear_failure_not_a_traceback(pytester):
     import json
     golden = pytester.mkdir("goldens")
-    (golden / "pi05-tiny-quantvla-w4a8.json").write_text("{not json")
+    (golden / "pi05-trained-quantvla-w4a8.json").write_text("{not json")
     result = pytester.runpytest_subprocess("--quantvla-model=pi05", f"--quantvla-golden-dir={golden}", "-q",
                                            "-k", "golden or drift")
-    result.stdout.fnmatch_lines(["*golden_statistics: golden *pi05-tiny-quantvla-w4a8.json is corrupt*"
+    result.stdout.fnmatch_lines(["*golden_statistics: golden *pi05-trained-quantvla-w4a8.json is corrupt*"
                                  "regenerate it with --quantvla-update-golden*"])
     assert "Traceback" not in result.stdout.str()
     site = "paligemma_with_expert.gemma_expert.model.layers.0.self_attn"
-    (golden / "pi05-tiny-quantvla-w4a8.json").write_text(json.dumps({"sites": [{"name": site}], "action_mse": 1.0}))
+    (golden / "pi05-trained-quantvla-w4a8.json").write_text(json.dumps({"sites": [{"name": site}], "action_mse": 1.0}))
     result = pytester.runpytest_subprocess("--quantvla-model=pi05", f"--quantvla-golden-dir={golden}", "-q",
                                            "-k", "golden")
     result.stdout.fnmatch_lines(["*the golden lacks or mangles a field*"])
+
+
+@pytest.mark.libero
+def test_libero_gate_serial_and_xdist_give_the_same_verdict(pytester):
+    """Real episodes of the shipped trained pi05 policy (FP and quantvla-w4a8) on libero_object:
+    the pairs and the gate verdict are identical in a serial run and spread over two workers."""
+    pytest.importorskip("libero.libero", reason="needs the libero extra")
+    args = ["--quantvla-model=pi05", "-m", "libero", "--quantvla-episodes=2", "-q"]
+    serial = pytester.runpytest_subprocess(*args, f"--quantvla-report={pytester.path / 'serial.json'}")
+    parallel = pytester.runpytest_subprocess(*args, "-n", "2", f"--quantvla-report={pytester.path / 'xdist.json'}")
+    assert serial.ret == parallel.ret == pytest.ExitCode.OK
+    import json
+
+    def pairs_and_gates(name):
+        data = json.loads((pytester.path / name).read_text())
+        pairs = {k: (v["fp_success"], v["q_success"], v["fp_steps"], v["q_steps"])
+                 for k, v in data["checks"].items() if "/libero[" in k}
+        return pairs, data["gates"]
+
+    assert pairs_and_gates("serial.json") == pairs_and_gates("xdist.json")
+    assert len(pairs_and_gates("serial.json")[0]) == 2
+    serial.stdout.fnmatch_lines(["LIBERO gate libero_object: INCONCLUSIVE over 2 pairs*"])

@@ -41,6 +41,11 @@ def pair(run, suite: str, task: int, init_index: int) -> dict:
     for label, model in (("fp", s.fp), ("q", s.quantized)):
         policy = ModelPolicy.for_task(model, env, seed=run.seed, bundle=s.bundle)
         r = env.run_episode(init_index, policy, seed=protocol.seed)
+        if run.record is not None and not r.success:  # replay the failure with the camera on
+            name = f"{suite}-task{task}-init{init_index:02d}-{'fp' if label == 'fp' else 'quantized'}.gif"
+            env.record(init_index, ModelPolicy.for_task(model, env, seed=run.seed, bundle=s.bundle), protocol.seed,
+                       run.record / name)
+            out[f"{label}_recording"] = str(run.record / name)
         out[f"{label}_success"] = None if r.failure and r.failure.startswith("error") else r.success
         out[f"{label}_failure"], out[f"{label}_steps"], out[f"{label}_wall_s"] = r.failure, r.steps, round(r.wall_s, 2)
     return out

@@ -19,8 +19,10 @@ SUITE_NAMES = {"spatial": "libero_spatial", "object": "libero_object", "goal": "
                "long": "libero_10"}
 
 
-def run(model_name: str, size: str, checkpoint: str | None, quantizer: str, suites: list[str], episodes: int,
+def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str], suites: list[str], episodes: int,
         seed: int, margin: float, out: Path, max_steps: int | None = None, log=print) -> dict:
+    """Each episode runs the FP model once and every quantized model on the same task, init state
+    and seed; each quantizer's gate is decided per suite against the FP outcomes."""
     from quantvla import CalibrationBuffer, preset, quantize
     from quantvla.eval.libero import TaskEnv
     from quantvla.eval.policy import ModelPolicy
@@ -42,11 +44,11 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizer: str, suit
         if checkpoint:
             load_checkpoint(fp, checkpoint)
         calibration = CalibrationBuffer.synthetic(fp, 8, seed=seed)
-    q = quantize(fp, calibration, preset(quantizer))
+    models = {"fp": fp} | {name: quantize(fp, calibration, preset(name)) for name in quantizers}
     protocol = protocol_for(model_name)
     report = {"model": model_name, "config": bundle.meta["config_name"] if bundle else size, "checkpoint": checkpoint,
-              "quantizer": quantizer, "seed": seed,
-              "protocol": protocol.name, "episodes": [], "suites": {}}
+              "quantizers": quantizers, "seed": seed, "protocol": protocol.name, "margin": margin,
+              "episodes": [], "gates": {name: {} for name in quantizers}}
     for suite in suites:
         tasks = task_list(bundle, suite)
         envs: dict[int, TaskEnv] = {}
@@ -54,15 +56,19 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizer: str, suit
             for k in range(episodes):
                 task, init_index = tasks[k % len(tasks)], k // len(tasks)
                 env = envs.get(task) or envs.setdefault(task, TaskEnv(suite, task, protocol))
-                row = {"suite": suite, "task": task, "init": init_index}
-                for label, model in (("fp", fp), ("quantized", q)):
+                row = {"suite": suite, "task": task, "init": init_index, "quantized": {}}
+                for label, model in models.items():
                     r = env.run_episode(init_index, ModelPolicy.for_task(model, env, seed=seed, bundle=bundle),
-                                        seed=protocol.seed, max_steps=max_steps)
-                    row[label] = r.to_dict()
+                                        seed=protocol.seed, max_steps=max_steps).to_dict()
+                    if label == "fp":
+                        row["fp"] = r
+                    else:
+                        row["quantized"][label] = r
                 report["episodes"].append(row)
                 write_json_atomic(out, report)
-                log(f"  {suite} task {task} init {init_index}: FP {'ok' if row['fp']['success'] else '--'}, "
-                    f"quantized {'ok' if row['quantized']['success'] else '--'}")
+                marks = ", ".join(f"{label} {'ok' if r['success'] else '--'}" for label, r in
+                                  [("FP", row["fp"]), *row["quantized"].items()])
+                log(f"  {suite} task {task} init {init_index}: {marks}")
         finally:
             for env in envs.values():
                 env.close()
@@ -71,9 +77,10 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizer: str, suit
         def outcome(r):
             return None if (r["failure"] or "").startswith("error") else r["success"]
 
-        verdict = paired_gate([outcome(e["fp"]) for e in rows], [outcome(e["quantized"]) for e in rows],
-                              paper_delta(model_name, quantizer, suite), margin)
-        report["suites"][suite] = verdict.to_dict()
+        for name in quantizers:
+            verdict = paired_gate([outcome(e["fp"]) for e in rows], [outcome(e["quantized"][name]) for e in rows],
+                                  paper_delta(model_name, name, suite), margin)
+            report["gates"][name][suite] = verdict.to_dict()
         write_json_atomic(out, report)
     _print_table(report, log)
     return report
@@ -91,10 +98,11 @@ def task_list(bundle, suite: str) -> list[int]:
 def _print_table(report: dict, log) -> None:
     from tabulate import tabulate
     rows = []
-    for suite, v in report["suites"].items():
-        f, q = v["fp"], v["quantized"]  # the verdict already carries both Wilson intervals
-        rows.append([suite, v["pairs"], f"{f['successes']}/{v['pairs']} [{f['low']:.2f}, {f['high']:.2f}]",
-                     f"{q['successes']}/{v['pairs']} [{q['low']:.2f}, {q['high']:.2f}]", f"{v['delta0']:+.3f}",
-                     v["verdict"], v["reason"]])
-    log(tabulate(rows, headers=["suite", "pairs", "FP (Wilson 95%)", "quantized (Wilson 95%)", "delta0", "verdict",
-                                "why"]))
+    for name, gates in report["gates"].items():
+        for suite, v in gates.items():
+            f, q = v["fp"], v["quantized"]  # the verdict already carries both Wilson intervals
+            rows.append([name, suite, v["pairs"], f"{f['successes']}/{v['pairs']} [{f['low']:.2f}, {f['high']:.2f}]",
+                         f"{q['successes']}/{v['pairs']} [{q['low']:.2f}, {q['high']:.2f}]", f"{v['delta0']:+.3f}",
+                         v["verdict"], v["reason"]])
+    log(tabulate(rows, headers=["quantizer", "suite", "pairs", "FP (Wilson 95%)", "quantized (Wilson 95%)", "delta0",
+                                "verdict", "why"]))

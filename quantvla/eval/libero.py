@@ -122,8 +122,10 @@ class TaskEnv:
         return self.env.set_init_state(self.init_states[init_index])
 
     def run_episode(self, init_index: int, policy, seed: int, max_steps: int | None = None,
-                    trace: list | None = None) -> EpisodeResult:
-        """Run one episode; with `trace`, append (step, action) pairs (for equivalence tests)."""
+                    trace: list | None = None, frames: list | None = None) -> EpisodeResult:
+        """Run one episode; with `trace`, append (step, action) pairs (for equivalence tests); with
+        `frames`, render the agent-view camera at every step and append it upright (recording;
+        rendering never changes the physics, so the outcome is the same)."""
         p = self.protocol
         limit = max_steps if max_steps is not None else p.steps_for(self.suite_name)
         t0 = time.perf_counter()
@@ -147,9 +149,11 @@ class TaskEnv:
                     raise ValueError(f"the policy returned a non-finite action at step {steps}: {action}")
                 if trace is not None:
                     trace.append((steps, np.array(action)))
-                self._render_next_step(policy.needs_images and not queue)  # a query reads this step's images
+                self._render_next_step(frames is not None or (policy.needs_images and not queue))  # a query reads it
                 obs, _, done, _ = self.env.step(action)
                 steps += 1
+                if frames is not None:
+                    frames.append(np.asarray(obs["agentview_image"])[::-1, ::-1].copy())
                 if bool(done):
                     success = True
                     break
@@ -162,6 +166,20 @@ class TaskEnv:
             success = False
         return EpisodeResult(self.suite_name, self.task_id, init_index, seed, success, steps,
                              time.perf_counter() - t0, queries, failure)
+
+    def record(self, init_index: int, policy, seed: int, path, every: int = 2,
+               max_steps: int | None = None) -> EpisodeResult:
+        """Run the episode again with the camera on and save it as an animated GIF at `path`
+        (every `every`-th frame). Episodes are deterministic, so this replays a failure."""
+        from PIL import Image
+
+        from quantvla.io import atomic_write
+        frames: list = []
+        result = self.run_episode(init_index, policy, seed, max_steps=max_steps, frames=frames)
+        images = [Image.fromarray(f) for f in frames[::every]] or [Image.new("RGB", (8, 8))]
+        atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                                                       duration=100, loop=0))
+        return result
 
     def sim_state(self) -> np.ndarray:
         return self.env.get_sim_state()
