@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantvla.errors import QuantVLAError
 from quantvla.models.layers import LayerNorm, RMSNorm, attend, gelu_tanh, observe_output, rope, timestep_embedding
 from quantvla.models.observation import ModelInputs, initial_noise
 from quantvla.models.protocol import AttentionSite, Role
@@ -169,6 +170,10 @@ class EagleBackbone(nn.Module):
             parts.append(em.mlp1(em.vision_model(img).to(dt)))
             masks.append(inputs.image_mask[:, i: i + 1].expand(-1, parts[-1].shape[1]))
         if em.object_state_proj is not None:
+            if inputs.objects is None:
+                raise QuantVLAError("this model reads object-state tokens: ModelInputs.objects [B, "
+                                    f"{self.config.num_objects}, object_dim] "
+                                    "is missing (build inputs with quantvla.tiny.policy.StateAdapter)")
             parts.append(em.object_state_proj(inputs.objects.to(em.object_state_proj.weight.dtype)).to(dt))
             masks.append(torch.ones(parts[-1].shape[:2], dtype=torch.bool, device=parts[-1].device))
         lm = em.language_model.model
