@@ -156,3 +156,25 @@ def test_shipped_policy_succeeds_on_an_official_init_state(family):
     finally:
         env.close()
     assert r.success, r
+
+
+@pytest.mark.libero
+def test_expert_demos_and_the_expert_on_an_official_init_state(tmp_path):
+    """One camera-free demo from a randomized reset, saved and loaded; and the expert through the
+    real runner on an official init state (as `python -m quantvla expert` measures it)."""
+    pytest.importorskip("libero.libero", reason="needs the libero extra")
+    from quantvla.eval.libero import TaskEnv
+    from quantvla.eval.protocols import load_protocol
+    from quantvla.tiny.demos import ExpertPolicy, generate
+
+    demos = generate("libero_object", [2], 1, workers=1, log=lambda *_: None)
+    assert demos.tasks == [2] and len(demos.actions) == len(demos.objects) > 50
+    assert demos.meta["per_task_summary"]["2"]["seeds"][0] >= 1_000_000  # never an evaluation reset
+    demos.save(tmp_path / "d.safetensors")
+    assert torch.equal(Demos.load(tmp_path / "d.safetensors").actions, demos.actions)
+    env = TaskEnv("libero_object", 2, load_protocol("openpi"))
+    try:
+        r = env.run_episode(0, ExpertPolicy(env), seed=7)
+    finally:
+        env.close()
+    assert r.success and r.queries == r.steps  # closed loop: one action per query

@@ -146,12 +146,10 @@ def generate(suite: str, tasks: list[int], per_task: int, max_steps: int = 280, 
             tried = len(r["lengths"]) + r["failures"]
             raise QuantVLAError(f"the expert succeeded in only {len(r['lengths'])} of {tried} "
                                 f"attempts on {suite} task {r['task']}; it cannot make {per_task} demos there")
-        start = 0
         for length in r["lengths"]:
             episode.append(np.full(length, len(ep_tasks)))
             ep_tasks.append(r["task"])
             instructions.append(r["instruction"])
-            start += length
         objects.append(r["tokens"])
         actions.append(r["actions"])
         summary[str(r["task"])] = {"demos": len(r["lengths"]), "failed_attempts": r["failures"],
