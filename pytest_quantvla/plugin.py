@@ -69,6 +69,7 @@ class Reporter:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.results: dict[str, dict] = {}
+        self._started: float | None = None  # when the first LIBERO pair began (for the time left)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if not report.nodeid.startswith("quantvla/") or (report.when != "call" and not report.failed):
@@ -87,7 +88,8 @@ class Reporter:
 
         run = self.config.stash[options.RUN_KEY]
         now = time.monotonic()
-        self._started = getattr(self, "_started", now - float(entry.get("fp_wall_s", 0) + entry.get("q_wall_s", 0)))
+        if self._started is None:
+            self._started = now - float(entry.get("fp_wall_s", 0) + entry.get("q_wall_s", 0))
         pairs = [r for k, r in self.results.items() if "/libero[" in k]
         total = run.episodes * len(run.suites or (None,))
         fp = sum(bool(r.get("fp_success")) for r in pairs)

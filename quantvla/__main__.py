@@ -168,14 +168,11 @@ def _train_tiny(args) -> int:
             "inputs": "object-state tokens (robot, goal object, container) and the instruction: a state-based "
                       "stand-in for the camera; this policy never sees an image",
             "training": record, "demos": {k: v for k, v in demos.meta.items() if k != "per_task_summary"},
-            "command": "python -m quantvla " + " ".join(sys.argv[1:]) if argv_is_cli() else None}
+            "command": f"python -m quantvla train-tiny --model {args.model} --demos {args.demos} --out {args.out} "
+                       f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --seed {args.seed}"}
     save_bundle(args.out, model, meta, adapter.tokenizer, adapter.stats, calibration)
     print(f"wrote {args.out}")
     return 0
-
-
-def argv_is_cli() -> bool:
-    return Path(sys.argv[0]).name in ("__main__.py", "quantvla")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla.errors import QuantVLAError
-from quantvla.models.layers import LayerNorm, RMSNorm, attend, gelu_tanh, observe_output, rope, timestep_embedding
+from quantvla.models.layers import (
+    LayerNorm,
+    RMSNorm,
+    attend,
+    gelu_tanh,
+    object_state_tokens,
+    observe_output,
+    rope,
+    timestep_embedding,
+)
 from quantvla.models.observation import ModelInputs, initial_noise
 from quantvla.models.protocol import AttentionSite, Role
 from quantvla.models.siglip import SiglipConfig, SiglipVisionModel
@@ -170,12 +178,9 @@ class EagleBackbone(nn.Module):
             parts.append(em.mlp1(em.vision_model(img).to(dt)))
             masks.append(inputs.image_mask[:, i: i + 1].expand(-1, parts[-1].shape[1]))
         if em.object_state_proj is not None:
-            if inputs.objects is None:
-                raise QuantVLAError("this model reads object-state tokens: ModelInputs.objects [B, "
-                                    f"{self.config.num_objects}, object_dim] "
-                                    "is missing (build inputs with quantvla.tiny.policy.StateAdapter)")
-            parts.append(em.object_state_proj(inputs.objects.to(em.object_state_proj.weight.dtype)).to(dt))
-            masks.append(torch.ones(parts[-1].shape[:2], dtype=torch.bool, device=parts[-1].device))
+            tokens, mask = object_state_tokens(em.object_state_proj, inputs.objects, dt)
+            parts.append(tokens)
+            masks.append(mask)
         lm = em.language_model.model
         parts.append(lm.embed_tokens(inputs.tokens).to(dt))
         masks.append(inputs.token_mask)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantvla.errors import QuantVLAError
 from quantvla.models.protocol import AttentionSite
 
 NEG_INF = -2.3819763e38  # what openpi/HF use as the masked logit
@@ -139,3 +140,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def object_state_tokens(proj: nn.Linear, objects: torch.Tensor | None, dtype: torch.dtype):
+    """Object-state tokens (the small trained policies' stand-in for the camera) projected into the
+    prefix, and their all-valid mask."""
+    if objects is None:
+        raise QuantVLAError("this model reads object-state tokens: ModelInputs.objects [B, n_objects, object_dim] "
+                            "is missing (build inputs with quantvla.tiny.policy.StateAdapter)")
+    tokens = proj(objects.to(proj.weight.dtype)).to(dtype)
+    return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)

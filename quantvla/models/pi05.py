@@ -15,8 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla.errors import QuantVLAError
-from quantvla.models.layers import AdaRMSNorm, RMSNorm, attend, gelu_tanh, observe_output, rope, sinusoidal
+from quantvla.models.layers import (
+    AdaRMSNorm,
+    RMSNorm,
+    attend,
+    gelu_tanh,
+    object_state_tokens,
+    observe_output,
+    rope,
+    sinusoidal,
+)
 from quantvla.models.observation import ModelInputs, initial_noise
 from quantvla.models.protocol import AttentionSite, Role
 from quantvla.models.siglip import SiglipConfig, SiglipVisionModel
@@ -217,12 +225,9 @@ class PI05(nn.Module):
             parts.append(feats)
             masks.append(inputs.image_mask[:, i: i + 1].expand(-1, feats.shape[1]))
         if self.object_state_proj is not None:
-            if inputs.objects is None:
-                raise QuantVLAError("this model reads object-state tokens: ModelInputs.objects [B, "
-                                    f"{self.config.num_objects}, object_dim] "
-                                    "is missing (build inputs with quantvla.tiny.policy.StateAdapter)")
-            parts.append(self.object_state_proj(inputs.objects.to(self.object_state_proj.weight.dtype)).to(dt))
-            masks.append(torch.ones(parts[-1].shape[:2], dtype=torch.bool, device=parts[-1].device))
+            tokens, mask = object_state_tokens(self.object_state_proj, inputs.objects, dt)
+            parts.append(tokens)
+            masks.append(mask)
         text = self._lm.embed_tokens(inputs.tokens).to(dt) * math.sqrt(self.config.llm.width)
         parts.append(text)
         masks.append(inputs.token_mask)

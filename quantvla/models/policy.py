@@ -199,8 +199,14 @@ class LiberoAdapter:
 
     def actions(self, chunk: torch.Tensor) -> np.ndarray:
         """[1, T, action_dim] model output -> [T, 7] environment actions."""
-        a = self.stats["actions"].unnormalize(chunk[0, :, :7].double().cpu().numpy(), self.action_norm)
-        if self.family == "gr00t-n15":
-            a = a.copy()
-            a[:, 6] = np.sign(1.0 - 2.0 * a[:, 6])
-        return a.astype(np.float32)
+        return chunk_to_actions(chunk, self.stats["actions"], self.action_norm, self.family)
+
+
+def chunk_to_actions(chunk: torch.Tensor, stats: NormStats, norm: str, family: str) -> np.ndarray:
+    """[1, T, action_dim] model output -> [T, 7] environment actions: unnormalized; GR00T's gripper
+    g in [0, 1] binarized to sign(1 - 2g)."""
+    a = stats.unnormalize(chunk[0, :, :7].double().cpu().numpy(), norm)
+    if family == "gr00t-n15":
+        a = a.copy()
+        a[:, 6] = np.sign(1.0 - 2.0 * a[:, 6])
+    return a.astype(np.float32)

@@ -25,11 +25,20 @@ from quantvla.io import write_json_atomic
 from quantvla.models import gr00t_n15, pi05
 from quantvla.models.checkpoint import load_checkpoint, save_checkpoint
 from quantvla.models.observation import ModelInputs
-from quantvla.models.policy import NormStats, WordTokenizer, load_openpi_norm_stats
+from quantvla.models.policy import NormStats, WordTokenizer, chunk_to_actions, load_openpi_norm_stats
 from quantvla.tiny.features import ROBOT_DIM, object_tokens
 
 LAYOUT = {"pi05": "openpi", "gr00t-n15": "isaac"}
 ACTION_NORM = {"pi05": "quantile", "gr00t-n15": "min_max"}  # each family's own convention
+
+
+def model_actions(family: str, actions: np.ndarray) -> np.ndarray:
+    """Environment actions in the family's own convention, before normalization: GR00T stores the
+    gripper as g in [0, 1] (-1 open -> 1), binarized to sign(1 - 2g) at run time."""
+    a = np.asarray(actions, dtype=np.float64).copy()
+    if family == "gr00t-n15":
+        a[..., 6] = (1.0 - a[..., 6]) / 2.0
+    return a
 
 
 class StateAdapter:
@@ -70,17 +79,12 @@ class StateAdapter:
 
     def target(self, actions: np.ndarray) -> np.ndarray:
         """Environment actions [..., 7] -> the model's normalized training target [..., 7]."""
-        a = np.asarray(actions, dtype=np.float64).copy()
-        if self.family == "gr00t-n15":  # GR00T stores the gripper as g in [0, 1], -> sign(1 - 2g) at run time
-            a[..., 6] = (1.0 - a[..., 6]) / 2.0
+        a = model_actions(self.family, actions)
         return self.stats["actions"].normalize(a, ACTION_NORM[self.family]).astype(np.float32)
 
     def actions(self, chunk: torch.Tensor) -> np.ndarray:
-        a = self.stats["actions"].unnormalize(chunk[0, :, :7].double().cpu().numpy(), ACTION_NORM[self.family])
-        if self.family == "gr00t-n15":
-            a = a.copy()
-            a[:, 6] = np.sign(1.0 - 2.0 * a[:, 6])
-        return np.clip(a, -1.0, 1.0).astype(np.float32)
+        a = chunk_to_actions(chunk, self.stats["actions"], ACTION_NORM[self.family], self.family)
+        return np.clip(a, -1.0, 1.0)
 
 
 def config_class(family: str):

@@ -22,10 +22,11 @@ import torch
 from quantvla.calibration.buffer import CalibrationBuffer
 from quantvla.errors import QuantVLAError
 from quantvla.models import build
+from quantvla.models.observation import ModelInputs
 from quantvla.models.policy import NormStats, WordTokenizer
 from quantvla.tiny.demos import Demos
 from quantvla.tiny.features import ROBOT_DIM
-from quantvla.tiny.policy import StateAdapter
+from quantvla.tiny.policy import StateAdapter, model_actions
 
 HELD_OUT_PER_TASK = 2  # demos kept out of training: the calibration buffer is drawn from them
 CALIBRATION_ENTRIES = 32
@@ -73,10 +74,7 @@ def chunk_index(episode: np.ndarray, horizon: int) -> np.ndarray:
 
 def make_adapter(family: str, config, demos: Demos, steps: np.ndarray) -> StateAdapter:
     tokens = demos.objects.numpy()[steps]
-    actions = demos.actions.numpy()[steps].astype(np.float64)
-    if family == "gr00t-n15":
-        actions = actions.copy()
-        actions[:, 6] = (1.0 - actions[:, 6]) / 2.0
+    actions = model_actions(family, demos.actions.numpy()[steps])
     stats = {"objects": _stats(tokens.reshape(len(tokens), -1), STD_FLOOR),
              "state": _stats(tokens[:, 0, :ROBOT_DIM], STD_FLOOR),
              "actions": _stats(actions, STD_FLOOR)}
@@ -131,7 +129,6 @@ def train(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), log=print
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     t0 = time.perf_counter()
-    from quantvla.models.observation import ModelInputs
     for step in range(cfg.steps):
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for group in opt.param_groups:
