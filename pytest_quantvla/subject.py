@@ -16,13 +16,12 @@ import torch
 from torch import nn
 
 from pytest_quantvla import quantizers
-from pytest_quantvla.data import data_dir
 from pytest_quantvla.options import RunConfig
 from quantvla import CalibrationBuffer, QuantizationReport
 from quantvla.errors import QuantVLAError
 from quantvla.models import build
 from quantvla.models.checkpoint import load_checkpoint
-from quantvla.tiny.policy import Bundle, load_bundle
+from quantvla.tiny.policy import Bundle, load_bundle, shipped_policy
 
 CALIBRATION_ENTRIES = 8
 HELD_OUT_ENTRIES = 8
@@ -46,7 +45,7 @@ class Subject:
 
 def policy_path(run: RunConfig) -> Path:
     """The trained policy of a run: --quantvla-checkpoint, else the one shipped for the model."""
-    return run.checkpoint if run.checkpoint is not None else data_dir("golden") / "policies" / f"{run.model}-tiny-state"
+    return run.checkpoint if run.checkpoint is not None else shipped_policy(run.model)
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,7 +1,7 @@
 """Command line: python -m quantvla <command> ...
 
   bench kernels   QuantLinear (W8A8, W4A8, W4A4) against fp32/bf16 F.linear, ratios in one run
-  bench models    action-chunk latency of pi05 and gr00t-n15 (tiny by default)
+  bench models    FP vs quantized action-chunk latency, calibration time, component memory
   bench libero    naive vs render-on-query LIBERO episodes, side by side
   libero          paired FP / quantized LIBERO episodes, success table and gate verdict
   merge-reports   combine the JSON reports of sharded runs, decide the gates once
@@ -32,10 +32,19 @@ def _bench_kernels(args) -> int:
     rows = kernels.run(ms=ms, min_rounds=args.rounds, with_transform=not args.no_transform, device=args.device)
     print(kernels.as_table(rows))
     if args.json:
-        write_json_atomic(Path(args.json), {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                            "rows": kernels.as_dicts(rows)})
-        print(f"wrote {args.json}")
+        write_json_atomic(Path(args.json), {"command": _command(), "torch": torch.__version__,
+                                            "threads": torch.get_num_threads(), "rows": kernels.as_dicts(rows)})
+        print(f"wrote {args.json}" + _png_note(kernels.plot(rows, Path(args.json).with_suffix(".png")), args.json))
     return 0
+
+
+def _command() -> str:
+    return "python -m quantvla " + " ".join(sys.argv[1:])
+
+
+def _png_note(written: bool, json_path: str) -> str:
+    png = Path(json_path).with_suffix(".png")
+    return f" and {png}" if written else " (no PNG: matplotlib is not installed; pip install matplotlib)"
 
 
 def _bench_models(args) -> int:
@@ -46,10 +55,16 @@ def _bench_models(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = models.run(size=args.size, rounds=args.rounds)
-    print(tabulate(rows, headers="keys"))
+    families = args.model or ["pi05", "gr00t-n15"]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} models, FP {args.dtype} on "
+          f"{args.device}, {args.quantizer}, {args.rounds} interleaved rounds")
+    rows = models.run(families, args.size, args.quantizer, args.rounds, args.seed, args.entries, args.device, dtype)
+    print(tabulate(models.as_dicts(rows), headers="keys"))
     if args.json:
-        write_json_atomic(Path(args.json), {"torch": torch.__version__, "rows": rows})
+        write_json_atomic(Path(args.json), {"command": _command(), "torch": torch.__version__,
+                                            "threads": torch.get_num_threads(), "rows": models.as_dicts(rows)})
+        print(f"wrote {args.json}" + _png_note(models.plot(rows, Path(args.json).with_suffix(".png")), args.json))
     return 0
 
 
@@ -187,13 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     k.add_argument("--no-transform", action="store_true", help="skip the W4A8+DuQuant row")
     k.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    k.add_argument("--json", help="also write the rows to this JSON file")
+    k.add_argument("--json", help="also write the rows to this JSON file, and a PNG beside it")
     k.set_defaults(func=_bench_kernels)
-    mb = bench_sub.add_parser("models", help="action-chunk latency of the model zoo")
-    mb.add_argument("--size", default="tiny", choices=["tiny", "full"])
-    mb.add_argument("--rounds", type=int, default=15)
+    mb = bench_sub.add_parser("models", help="FP vs quantized: action-chunk latency, calibration time, memory")
+    mb.add_argument("--model", action="append", choices=["pi05", "gr00t-n15"], help="repeatable (default both)")
+    mb.add_argument("--size", default="trained", choices=["trained", "tiny", "full"],
+                    help="trained: the shipped policies (default); tiny, full: random weights")
+    mb.add_argument("--quantizer", default="quantvla-w4a8", help="a preset (default quantvla-w4a8)")
+    mb.add_argument("--rounds", type=int, default=15, help="interleaved FP/quantized rounds (default 15)")
+    mb.add_argument("--entries", type=int, default=16, help="synthetic calibration entries for tiny/full (default 16)")
+    mb.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the FP model's dtype")
+    mb.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    mb.add_argument("--seed", type=int, default=0)
     mb.add_argument("--threads", type=int)
-    mb.add_argument("--json")
+    mb.add_argument("--json", help="also write the rows to this JSON file, and a PNG beside it")
     mb.set_defaults(func=_bench_models)
     lb = bench_sub.add_parser("libero", help="naive vs render-on-query LIBERO episode time (needs the libero extra)")
     lb.add_argument("--suite", default="libero_spatial")

@@ -72,3 +72,44 @@ def test_bits_outside_range_are_rejected():
 def test_per_channel_activation_scales_are_refused():
     with pytest.raises(QuantInputError, match="smoothing"):
         ActQuantConfig(granularity="per_channel")
+
+
+def _correlated_activations(t: int, k: int, seed: int) -> torch.Tensor:
+    """Activations that share a few directions (as a transformer's do), plus one loud channel."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, 4, generator=g) @ torch.randn(4, k, generator=g) + 0.1 * torch.randn(t, k, generator=g)
+    x[:, 0] *= 20
+    return x
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_gptq_rounding_cuts_the_output_error_on_calibration_activations(bits):
+    x = _correlated_activations(512, 96, seed=bits)
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(1))
+    q_rtn, scale = grids.quantize_weight(w, WeightQuantConfig(bits=bits))
+    q = grids.gptq_round(w, scale, x, bits)
+    lo, hi = grids.signed_range(bits)
+    assert q.dtype == torch.int8 and int(q.min()) >= lo and int(q.max()) <= hi
+
+    def out_err(qi):
+        return float((x.double() @ (w.double() - qi.double() * scale.double()[:, None]).t()).norm())
+
+    assert out_err(q) < 0.7 * out_err(q_rtn), (out_err(q), out_err(q_rtn))
+    assert torch.equal(q, grids.gptq_round(w, scale, x, bits))  # deterministic
+
+
+def test_gptq_rounding_tolerates_dead_columns():
+    x = _correlated_activations(64, 32, seed=0)
+    x[:, 5] = 0  # a channel the calibration never excites: rounded to nearest, no feedback from it
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
+    q_rtn, scale = grids.quantize_weight(w, WeightQuantConfig(bits=4))
+    q = grids.gptq_round(w, scale, x, 4)
+    assert torch.equal(q[:, 5], q_rtn[:, 5])
+    assert not torch.equal(q, q_rtn)  # the live columns did get error feedback
+
+
+def test_weight_rounding_is_validated():
+    with pytest.raises(QuantInputError, match="rounding"):
+        WeightQuantConfig(rounding="stochastic")
+    with pytest.raises(QuantInputError, match="gptq_damp"):
+        WeightQuantConfig(rounding="gptq", gptq_damp=0.0)

@@ -34,9 +34,18 @@ def make_linear(k, n, seed, bias=True, scale=1.0):
     return lin
 
 
+# GPTQ rounding: weights may sit more than half a step from FP, so the bound uses the stored error
+gptq_configs = st.builds(
+    LinearQuantConfig,
+    weight=st.builds(WeightQuantConfig, bits=st.integers(2, 8), rounding=st.just("gptq")),
+    act=st.builds(ActQuantConfig, bits=st.sampled_from([4, 8]), symmetric=st.booleans()),
+    transform=st.one_of(st.none(), st.builds(DuQuantConfig, block_size=st.sampled_from([4, 16, 64]))),
+)
+
+
 @given(x=float_matrices(rows=st.integers(1, 16), cols=st.integers(2, 96)), n=st.integers(1, 48),
-       cfg=layer_configs, seed=st.integers(0, 1000), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       wscale=st.sampled_from([1e-3, 1.0, 1e3]))
+       cfg=st.one_of(layer_configs, gptq_configs), seed=st.integers(0, 1000),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), wscale=st.sampled_from([1e-3, 1.0, 1e3]))
 def test_output_within_analytic_bound(x, n, cfg, seed, dtype, wscale):
     lin = make_linear(x.shape[1], n, seed, scale=wscale)
     before = copy.deepcopy(lin.state_dict())
@@ -128,6 +137,14 @@ class TestBadInput:
         cfg = LinearQuantConfig(act=ActQuantConfig(granularity="per_tensor"))
         with pytest.raises(QuantInputError, match="layer fc: per-tensor .* needs calibration"):
             QuantLinear.from_linear(make_linear(8, 4, 0), cfg, name="fc")
+
+    def test_gptq_needs_calibration(self):
+        cfg = LinearQuantConfig(WeightQuantConfig(rounding="gptq"))
+        with pytest.raises(QuantInputError, match="probe: GPTQ rounding needs calibration"):
+            QuantLinear.from_linear(make_linear(8, 4, 0), cfg, name="probe")
+        svd = LinearQuantConfig(WeightQuantConfig(rounding="gptq"), transform=DuQuantConfig(rotation="svd"))
+        with pytest.raises(QuantInputError, match="restore"):
+            QuantLinear.from_linear(make_linear(8, 4, 0), svd, calib=torch.randn(4, 8), name="probe")
 
     def test_empty_weight(self):
         with pytest.raises(QuantInputError, match="empty weight"):

@@ -104,3 +104,15 @@ def as_table(rows: list[KernelRow]) -> str:
 
 def as_dicts(rows: list[KernelRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def plot(rows: list[KernelRow], path) -> bool:
+    """PNG: speed-up over fp32 F.linear of every candidate, one group of bars per shape."""
+    from quantvla.bench.plot import grouped_bars
+
+    shapes = list(dict.fromkeys((r.m, r.k, r.n) for r in rows))
+    names = list(dict.fromkeys(r.name for r in rows if r.name != "fp32 F.linear"))
+    ratio = {(r.m, r.k, r.n, r.name): r.vs_fp32 for r in rows}
+    series = {name: [ratio.get((*s, name), 0.0) for s in shapes] for name in names}
+    return grouped_bars(path, [f"M{m} K{k} N{n}" for m, k, n in shapes], [("speed-up over fp32 F.linear", series)],
+                        title="QuantLinear end to end vs F.linear, measured side by side", reference=1.0)

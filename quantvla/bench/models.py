@@ -1,41 +1,149 @@
-"""Action-chunk latency of the model zoo on this machine (median of interleaved rounds)."""
+"""FP against quantized, per model: action-chunk latency, quantization (calibration) time and the
+memory of the quantized components, measured side by side in one run.
+
+Each model is quantized once, timed (that is the calibration time: activation recording, DuQuant
+fitting, integer packing, ATM/OHB fitting). Then the FP and the quantized model produce the same
+action chunk (same inputs, same noise) in interleaved rounds, FP, quantized, FP, ..., and each keeps
+its median, so a burst of load from another process hits both alike. speedup = FP time / quantized
+time (> 1: the quantized model is faster). Memory follows quantvla.memory: FP16 bytes of the
+components against the storage and resident bytes of what replaced them.
+
+Sizes: `trained` (the shipped policies, calibrated on their recorded observations), `tiny` (random
+weights, synthetic buffer) and `full` (random weights at the real sizes; a 1-entry buffer, because
+calibration quality does not change speed or bytes).
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from quantvla.models import build
+from quantvla.memory import GIB
+
+MIB = 2**20
 
 
-def run(families=("pi05", "gr00t-n15"), size: str = "tiny", rounds: int = 15, seed: int = 0, log=print) -> list[dict]:
-    models = {}
-    for fam in families:
-        torch.manual_seed(seed)
-        m = build(fam, size)
-        models[fam] = (m, m.example_inputs(seed=seed))
-    times = {fam: [] for fam in families}
-    for m, x in models.values():  # warm-up
-        m.sample_actions(x, generator=torch.Generator().manual_seed(seed))
+@dataclass
+class ModelRow:
+    model: str
+    size: str
+    device: str
+    fp_dtype: str
+    quantizer: str
+    params_M: float
+    steps: int
+    horizon: int
+    calib_entries: int
+    fp_chunk_ms: float
+    q_chunk_ms: float
+    speedup: float
+    quantize_s: float
+    fp16_mib: float
+    storage_mib: float
+    resident_mib: float
+    saving: float
+    fp_peak_mib: float | None = None  # CUDA only: peak allocated memory while the model runs a chunk
+    q_peak_mib: float | None = None
+
+
+def _subject(family: str, size: str, seed: int, entries: int):
+    """(FP model, calibration buffer, the inputs and noise one timed chunk uses)."""
+    from quantvla import CalibrationBuffer
+    from quantvla.models import build
+
+    if size == "trained":
+        from quantvla.tiny.policy import load_bundle, shipped_policy
+
+        bundle = load_bundle(shipped_policy(family))
+        buffer = bundle.calibration()
+        return bundle.model, buffer, buffer.inputs[0], buffer.noise[0]
+    torch.manual_seed(seed)
+    model = build(family, size)
+    buffer = CalibrationBuffer.synthetic(model, entries, seed=seed)
+    return model, buffer, buffer.inputs[0], buffer.noise[0]
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.3f} GiB" if nbytes >= GIB / 10 else f"{nbytes / MIB:.3f} MiB"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", rounds: int = 15, seed: int = 0,
+            entries: int = 16, device: str = "cpu", fp_dtype: torch.dtype = torch.float32, log=print) -> ModelRow:
+    from quantvla import quantize
+    from quantvla.memory import component_memory
+
+    model, buffer, x, noise = _subject(family, size, seed, entries)
+    model = model.to(device=device, dtype=fp_dtype).eval()
+    buffer, x, noise = buffer.to(device), x.to(device), noise.to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    q = quantize(model, buffer, quantizer).eval()
+    _sync(device)
+    quantize_s = time.perf_counter() - t0
+    mem = component_memory(model, q)
+
+    def chunk(m):
+        with torch.no_grad():
+            m.sample_actions(x, noise)
+        _sync(device)
+
+    peaks = {}
+    if device.startswith("cuda"):  # device memory really allocated by each model while it runs
+        for key, m in (("fp", model), ("q", q)):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            chunk(m)
+            peaks[key] = round(torch.cuda.max_memory_allocated() / MIB, 1)
+    times = {"fp": [], "q": []}
+    for m in (model, q):  # warm-up: first-call allocations and kernel selection
+        chunk(m)
     for _ in range(rounds):
-        for fam, (m, x) in models.items():
+        for key, m in (("fp", model), ("q", q)):
             t0 = time.perf_counter()
-            m.sample_actions(x, generator=torch.Generator().manual_seed(seed))
-            times[fam].append(time.perf_counter() - t0)
-    rows = []
-    for fam, (m, _) in models.items():
-        from quantvla import CalibrationBuffer, quantize
-        buf = CalibrationBuffer.synthetic(m, 16, seed=seed)
-        t0 = time.perf_counter()
-        quantize(m, buf, "quantvla-w4a8")
-        calib_s = time.perf_counter() - t0
-        c = m.config
-        rows.append({"model": fam, "size": size, "steps": c.num_steps, "horizon": c.action_horizon,
-                     "params_M": round(sum(p.numel() for p in m.parameters()) / 1e6, 3),
-                     "chunk_ms": round(statistics.median(times[fam]) * 1e3, 3),
-                     "quantize_w4a8_s": round(calib_s, 2)})
-        log(f"  {fam} {size}: one action chunk ({c.num_steps} steps, horizon {c.action_horizon}) "
-            f"{rows[-1]['chunk_ms']:.1f} ms; quantize quantvla-w4a8 on a 16-entry buffer {calib_s:.1f} s")
-    return rows
+            chunk(m)
+            times[key].append(time.perf_counter() - t0)
+    fp_ms, q_ms = (statistics.median(times[k]) * 1e3 for k in ("fp", "q"))
+    c = model.config
+    row = ModelRow(family, size, device, str(fp_dtype).removeprefix("torch."), quantizer,
+                   round(sum(p.numel() for p in model.parameters()) / 1e6, 3), c.num_steps, c.action_horizon,
+                   len(buffer), round(fp_ms, 3), round(q_ms, 3), round(fp_ms / q_ms, 2), round(quantize_s, 2),
+                   round(mem.fp16_bytes / MIB, 3), round(mem.storage_bytes / MIB, 3),
+                   round(mem.resident_bytes / MIB, 3), round(mem.saving, 4), peaks.get("fp"), peaks.get("q"))
+    log(f"  {family} {size} ({row.params_M} M params, {row.fp_dtype} on {device}): chunk FP {fp_ms:.1f} ms, "
+        f"{quantizer} {q_ms:.1f} ms ({row.speedup}x); quantize {quantize_s:.1f} s on {len(buffer)} entries; "
+        f"components FP16 {_size(mem.fp16_bytes)} -> {_size(mem.storage_bytes)} stored, "
+        f"{_size(mem.resident_bytes)} resident ({mem.saving:.1%} saved)"
+        + (f"; peak CUDA memory FP {peaks['fp']} MiB, quantized {peaks['q']} MiB" if peaks else ""))
+    return row
+
+
+def run(families=("pi05", "gr00t-n15"), size: str = "tiny", quantizer: str = "quantvla-w4a8", rounds: int = 15,
+        seed: int = 0, entries: int = 16, device: str = "cpu", fp_dtype: torch.dtype = torch.float32,
+        log=print) -> list[ModelRow]:
+    return [measure(f, size, quantizer, rounds, seed, entries, device, fp_dtype, log) for f in families]
+
+
+def as_dicts(rows: list[ModelRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def plot(rows: list[ModelRow], path: str | Path) -> bool:
+    """PNG: chunk latency FP vs quantized, and component memory FP16 vs stored vs resident."""
+    from quantvla.bench.plot import grouped_bars
+
+    labels = [f"{r.model} {r.size}" for r in rows]
+    return grouped_bars(path, labels, [
+        ("action chunk (ms)", {"FP " + (rows[0].fp_dtype if rows else ""): [r.fp_chunk_ms for r in rows],
+                               "quantized": [r.q_chunk_ms for r in rows]}),
+        ("quantized components (MiB)", {"FP16": [r.fp16_mib for r in rows], "stored": [r.storage_mib for r in rows],
+                                        "resident": [r.resident_mib for r in rows]}),
+    ], title=f"{rows[0].quantizer if rows else ''}: FP vs quantized, one run")

@@ -59,7 +59,12 @@ def output_error_bound(layer: QuantLinear, weight: torch.Tensor, x: torch.Tensor
     if layer.transform is not None and layer.transform.out_rot is not None:
         # fold_weight includes the output rotation; the bound is formed before it
         w_t = layer.transform.out_rot.apply(w_t.t().contiguous()).t()
-    dw = grids.weight_error_allowance(w_t, layer.w_scale, layer.config.weight.bits)
+    if layer.config.weight.rounding == "gptq":
+        # error-feedback rounding keeps no half-step promise per element: use the stored error itself
+        w_hat = layer.int_weight().to(torch.float64) * layer.w_scale.to(torch.float64)[:, None]
+        dw = (w_t - w_hat).abs() + grids.ROUNDING * w_t.abs()
+    else:
+        dw = grids.weight_error_allowance(w_t, layer.w_scale, layer.config.weight.bits)
     wt_abs = w_t.abs()
     e = dx @ wt_abs.t() + (x_t.to(torch.float64).abs() + dx) @ dw.t()
     # rounding slack: fp32 transform (sums of up to a block of terms, rebuilt rotations), fp32 epilogue

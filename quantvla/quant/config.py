@@ -29,13 +29,26 @@ def check_bits(bits: int, what: str) -> None:
 
 @dataclass(frozen=True)
 class WeightQuantConfig:
-    """Symmetric, signed, per-output-channel weight grid [-2^(b-1), 2^(b-1)-1]."""
+    """Symmetric, signed, per-output-channel weight grid [-2^(b-1), 2^(b-1)-1].
+
+    rounding "nearest": each weight to its nearest grid point (the paper's RTN, App. A).
+    rounding "gptq": the same grid and scales, but the columns are rounded one after another and
+    each rounding error is pushed onto the columns not yet rounded, weighted by the calibration
+    activations' second moments (GPTQ, Frantar et al. 2023); it needs calibration activations.
+    gptq_damp: ridge added to that matrix, as a fraction of its mean diagonal.
+    """
 
     bits: int = 4
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS  # (1.0,) turns the MSE search off
+    rounding: Literal["nearest", "gptq"] = "nearest"
+    gptq_damp: float = 0.1  # 0.01 (GPTQ's default) fits a 16-entry buffer too closely: docs/quantizer.md
 
     def __post_init__(self):
         check_bits(self.bits, "weight")
+        if self.rounding not in ("nearest", "gptq"):
+            raise QuantInputError(f"weight rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
+        if not 0.0 < self.gptq_damp <= 1.0:
+            raise QuantInputError(f"gptq_damp must be in (0, 1], got {self.gptq_damp!r}")
         if not self.clip_ratios or any(not 0.0 < r <= 1.0 for r in self.clip_ratios):
             raise QuantInputError(f"clip_ratios must be non-empty values in (0, 1], got {self.clip_ratios!r}")
         object.__setattr__(self, "clip_ratios", tuple(float(r) for r in self.clip_ratios))

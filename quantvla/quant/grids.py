@@ -51,6 +51,41 @@ def quantize_weight(w: torch.Tensor, cfg: WeightQuantConfig) -> tuple[torch.Tens
     return q, best_scale
 
 
+def gptq_round(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bits: int, damp: float = 0.01,
+               block: int = 128) -> torch.Tensor:
+    """Integer weights [N, K] int8 on the given per-row scales, rounded with error feedback.
+
+    Minimises ||x W^T - x (q * scale)^T|| column by column (GPTQ): with H = x^T x + ridge and U the
+    upper Cholesky factor of H^-1, column k is rounded to the grid and its error, divided by
+    U[k, k], is subtracted along U[k, k+1:] from the columns still to be rounded. Columns whose
+    calibration activations are all zero get no feedback (they are rounded to nearest). The
+    integers stay inside [-2^(b-1), 2^(b-1)-1]; an element may end up more than half a step
+    from its FP value, which is the point: the errors cancel on activations like x.
+    """
+    qmin, qmax = signed_range(bits)
+    w = w.detach().to(torch.float64).clone()
+    x = x.detach().reshape(-1, w.shape[1]).to(torch.float64)
+    k = w.shape[1]
+    h = x.t() @ x
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64, device=h.device)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    s = scale.to(torch.float64)[:, None]
+    q = torch.empty_like(w)
+    for lo in range(0, k, block):  # lazy batch updates: one matmul per block for the columns after it
+        hi = min(lo + block, k)
+        err = torch.empty(w.shape[0], hi - lo, dtype=torch.float64, device=w.device)
+        for j in range(lo, hi):
+            col = torch.round(w[:, j:j + 1] / s).clamp_(qmin, qmax)
+            q[:, j:j + 1] = col
+            e = (w[:, j:j + 1] - col * s) / u[j, j]
+            w[:, j + 1:hi] -= e * u[j:j + 1, j + 1:hi]
+            err[:, j - lo:j - lo + 1] = e
+        w[:, hi:] -= err @ u[lo:hi, hi:]
+    return q.to(torch.int8)
+
+
 def weight_error_allowance(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-element bound on |w - q*scale|: half a step, plus the clipped excess beyond the range
     (plus fp32 rounding of the scale)."""

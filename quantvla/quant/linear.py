@@ -83,6 +83,16 @@ class QuantLinear(nn.Module):
         if layer.transform is not None:
             w_t = layer.transform.fit(w_t, calib).fold_weight(w_t)
         q, scale = grids.quantize_weight(w_t, config.weight)
+        if config.weight.rounding == "gptq":
+            if calib is None:
+                raise QuantInputError(f"layer {where}: GPTQ rounding needs calibration activations "
+                                      "(calib=[T, in_features]); or use rounding='nearest'")
+            if layer.transform is not None and layer.transform.out_rot is not None:
+                raise QuantInputError(f"layer {where}: GPTQ rounding is not supported with the output-side "
+                                      "'restore' rotation; use rotation='greedy' or restore_output=False")
+            x_t = calib.to(torch.float32)
+            x_t = layer.transform.apply_act(x_t) if layer.transform is not None else x_t
+            q = grids.gptq_round(w_t, scale, x_t, config.weight.bits, config.weight.gptq_damp)
         layer.qweight.copy_(pack_int4(q) if config.weight.bits <= 4 else q)
         layer.w_scale.copy_(scale)
         if layer.w_sum is not None:
@@ -135,10 +145,14 @@ class QuantLinear(nn.Module):
         _, qa = self.quantize_input(x2)
         acc = kernels.int_linear(qa.q, self.qweight, self.in_features, self.config.weight.bits,
                                  backend or self.config.backend)
-        if qa.zero is not None:
-            acc.sub_(qa.zero * self.w_sum)
-        # fixed epilogue order, shared by every backend: ((acc * s_x) * s_w) (restore) + bias
-        y = acc.to(torch.float32).mul_(qa.scale).mul_(self.w_scale)
+        if qa.zero is not None:  # acc -= z_x (outer) w_sum, exact in int32
+            if acc.is_cpu:  # one pass, no [M, N] temporary
+                acc.addr_(qa.zero.view(-1).expand(acc.shape[0]), self.w_sum, alpha=-1)
+            else:
+                acc.sub_(qa.zero * self.w_sum)
+        # fixed epilogue order, shared by every backend: ((float(acc) * s_x) * s_w) (restore) + bias;
+        # int32 * float32 promotes in the same pass as the cast (bit-identical to cast, then multiply)
+        y = torch.mul(acc, qa.scale).mul_(self.w_scale)
         if self.transform is not None:
             y = self.transform.restore_output(y)
         if self.bias is not None:

@@ -29,6 +29,7 @@ from quantvla.models.policy import NormStats, WordTokenizer, chunk_to_actions, l
 from quantvla.tiny.features import ROBOT_DIM, object_tokens
 
 LAYOUT = {"pi05": "openpi", "gr00t-n15": "isaac"}
+_ROOT = Path(__file__).resolve().parents[2]
 ACTION_NORM = {"pi05": "quantile", "gr00t-n15": "min_max"}  # each family's own convention
 
 
@@ -138,6 +139,16 @@ def save_bundle(path, model, meta: dict, tokenizer: WordTokenizer, stats: dict[s
     calibration.save(path / "calibration.safetensors")
     write_json_atomic(path / "policy.json", meta)  # last: a folder with policy.json is complete
     return path
+
+
+def shipped_policy(family: str) -> Path:
+    """The trained policy shipped for a family: golden/policies/<family>-tiny-state in a source
+    checkout, pytest_quantvla/golden/policies/... in a wheel."""
+    for golden in (_ROOT / "pytest_quantvla" / "golden", _ROOT / "golden"):
+        if (golden / "policies").is_dir():
+            return golden / "policies" / f"{family}-tiny-state"
+    raise QuantVLAError("the shipped policies (golden/policies) are missing next to the package; "
+                        "reinstall pytest-quantvla")
 
 
 def is_bundle(path) -> bool:
