@@ -1,0 +1,40 @@
+"""The benchmarks: ratios come from one run, memory follows the accounting rule, JSON + PNG."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from quantvla.bench import kernels
+
+
+def test_bench_models_cli_writes_rows_json_and_png(tmp_path):
+    out = tmp_path / "models.json"
+    run = subprocess.run([sys.executable, "-m", "quantvla", "bench", "models", "--model", "pi05", "--size", "tiny",
+                          "--rounds", "2", "--entries", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python -m quantvla bench models")
+    (row,) = data["rows"]
+    assert row["model"] == "pi05" and row["quantizer"] == "quantvla-w4a8" and row["calib_entries"] == 2
+    assert row["speedup"] == pytest.approx(row["fp_chunk_ms"] / row["q_chunk_ms"], abs=0.01)
+    # W4 storage of the LLM + DiT MLP linears; DiT attention stays FP16 in the count
+    assert row["storage_mib"] < 0.75 * row["fp16_mib"] and row["saving"] > 0.25
+    assert row["resident_mib"] == row["storage_mib"]  # the reference layer caches nothing
+    assert row["fp_peak_mib"] is None  # CUDA only
+    png = out.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_kernels_rows_are_ratios_of_the_same_run(tmp_path):
+    rows = kernels.run(ms=(8,), kns=((128, 96),), with_transform=True, min_rounds=2, min_seconds=0.0,
+                       log=lambda _: None)
+    by_name = {r.name: r for r in rows}
+    assert set(by_name) == {"fp32 F.linear", "bf16 F.linear", "W8A8", "W4A8", "W4A4", "W4A8+DuQuant"}
+    fp32 = by_name["fp32 F.linear"].ms
+    for r in rows:
+        assert r.vs_fp32 == pytest.approx(fp32 / r.ms, rel=0.02, abs=0.01)
+    assert kernels.plot(rows, tmp_path / "k.png")
+    assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
