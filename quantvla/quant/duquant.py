@@ -138,14 +138,16 @@ class BlockRotation(nn.Module):
                 continue
             u = 1.0 / math.sqrt(size)
             coef = 2.0 / (2.0 - 2.0 * u)
-            for step in range(index.shape[1]):
-                j = index[:, step].long()
-                active = j >= 0
-                if not bool(active.any()):
-                    break  # the best prefixes are left-aligned: later steps are empty too
-                jj = j.clamp_min(0)[None, :, None].expand(m, -1, 1)
+            # index work once per call, not once per step: the same arithmetic, far fewer small ops
+            j_all = index.long()
+            active_all = j_all >= 0
+            steps = int(active_all.any(dim=0).sum())  # the best prefixes are left-aligned
+            weight_all = coef * active_all.to(x.dtype)  # coef where a block has this step, else 0
+            jj_all = j_all.clamp_min(0)
+            for step in range(steps):
+                jj = jj_all[None, :, step, None].expand(m, -1, 1)
                 d = view.gather(2, jj).squeeze(2) - u * view.sum(dim=2)  # x_b . v, [m, blocks]
-                d = d * (coef * active.to(x.dtype))
+                d = d * weight_all[:, step]
                 view.add_((u * d)[:, :, None])
                 view.scatter_add_(2, jj, -d[:, :, None])
         return out
