@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from quantvla.errors import QuantVLAError
 from quantvla.io import write_json_atomic
 
 
@@ -55,6 +56,9 @@ def _bench_models(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from quantvla.presets import preset
+
+    preset(args.quantizer)  # an unknown name is a clear error before anything is built
     families = args.model or ["pi05", "gr00t-n15"]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} models, FP {args.dtype} on "
@@ -269,7 +273,23 @@ def main(argv: list[str] | None = None) -> int:
     tt.add_argument("--threads", type=int)
     tt.set_defaults(func=_train_tiny)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        if getattr(args, "device", "cpu") != "cpu":
+            _check_device(args.device)
+        return args.func(args)
+    except QuantVLAError as err:  # bad input: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantVLAError(f"--device {device}: no CUDA device is available to this torch "
+                            f"({torch.__version__}); run on a GPU machine or use --device cpu")
+    if not device.startswith("cuda"):
+        raise QuantVLAError(f"--device {device!r}: choose cpu or cuda")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from quantvla.bench import kernels
 
@@ -38,3 +39,16 @@ def test_bench_kernels_rows_are_ratios_of_the_same_run(tmp_path):
         assert r.vs_fp32 == pytest.approx(fp32 / r.ms, rel=0.02, abs=0.01)
     assert kernels.plot(rows, tmp_path / "k.png")
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["models", "--quantizer", "nope"], "unknown quantizer preset 'nope'"),
+    (["models", "--device", "tpu"], "choose cpu or cuda"),
+    pytest.param(["kernels", "--device", "cuda"], "no CUDA device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA: the message is for machines without it")),
+])
+def test_bench_bad_input_is_one_clear_line(args, message):
+    run = subprocess.run([sys.executable, "-m", "quantvla", "bench", *args], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2
+    assert message in run.stderr and "Traceback" not in run.stderr
