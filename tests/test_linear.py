@@ -142,6 +142,10 @@ class TestBadInput:
         cfg = LinearQuantConfig(WeightQuantConfig(rounding="gptq"))
         with pytest.raises(QuantInputError, match="probe: GPTQ rounding needs calibration"):
             QuantLinear.from_linear(make_linear(8, 4, 0), cfg, name="probe")
+        nan = torch.randn(4, 8)
+        nan[1, 2] = float("nan")
+        with pytest.raises(QuantInputError, match="probe: calibration activations contain NaN"):
+            QuantLinear.from_linear(make_linear(8, 4, 0), cfg, calib=nan, name="probe")
         svd = LinearQuantConfig(WeightQuantConfig(rounding="gptq"), transform=DuQuantConfig(rotation="svd"))
         with pytest.raises(QuantInputError, match="restore"):
             QuantLinear.from_linear(make_linear(8, 4, 0), svd, calib=torch.randn(4, 8), name="probe")

@@ -51,7 +51,7 @@ def quantize_weight(w: torch.Tensor, cfg: WeightQuantConfig) -> tuple[torch.Tens
     return q, best_scale
 
 
-def gptq_round(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bits: int, damp: float = 0.01,
+def gptq_round(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bits: int, damp: float = 0.1,
                block: int = 128) -> torch.Tensor:
     """Integer weights [N, K] int8 on the given per-row scales, rounded with error feedback.
 

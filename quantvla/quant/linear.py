@@ -92,6 +92,8 @@ class QuantLinear(nn.Module):
                                       "'restore' rotation; use rotation='greedy' or restore_output=False")
             x_t = calib.to(torch.float32)
             x_t = layer.transform.apply_act(x_t) if layer.transform is not None else x_t
+            if not bool(torch.isfinite(x_t).all()):
+                raise QuantInputError(f"layer {where}: calibration activations contain NaN or Inf")
             q = grids.gptq_round(w_t, scale, x_t, config.weight.bits, config.weight.gptq_damp)
         layer.qweight.copy_(pack_int4(q) if config.weight.bits <= 4 else q)
         layer.w_scale.copy_(scale)
