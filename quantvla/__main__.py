@@ -82,17 +82,12 @@ def _bench_libero(args) -> int:
 
 
 def _libero(args) -> int:
-    from quantvla.errors import QuantVLAError
     from quantvla.eval import cli
 
-    try:
-        suites = [cli.SUITE_NAMES.get(x.strip(), x.strip()) for x in args.suites.split(",") if x.strip()]
-        quantizers = [x.strip() for x in args.quantizer.split(",") if x.strip()]
-        cli.run(args.model, args.size, args.checkpoint, quantizers, suites, args.episodes, args.seed,
-                args.margin, Path(args.json), max_steps=args.max_steps)
-    except QuantVLAError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    suites = [cli.SUITE_NAMES.get(x.strip(), x.strip()) for x in args.suites.split(",") if x.strip()]
+    quantizers = [x.strip() for x in args.quantizer.split(",") if x.strip()]
+    cli.run(args.model, args.size, args.checkpoint, quantizers, suites, args.episodes, args.seed,
+            args.margin, Path(args.json), max_steps=args.max_steps)
     print(f"wrote {args.json}")
     return 0
 
@@ -117,7 +112,6 @@ def _tasks(text: str) -> list[int]:
 def _expert(args) -> int:
     from tabulate import tabulate
 
-    from quantvla.errors import QuantVLAError
     from quantvla.eval.libero import TaskEnv
     from quantvla.eval.protocols import load_protocol
     from quantvla.eval.stats import wilson
@@ -125,26 +119,22 @@ def _expert(args) -> int:
 
     protocol = load_protocol(args.protocol)
     rows, report = [], {"suite": args.suite, "protocol": protocol.name, "tasks": {}}
-    try:
-        for task in _tasks(args.tasks):
-            env = TaskEnv(args.suite, task, protocol)
-            try:
-                results = [env.run_episode(k, ExpertPolicy(env), seed=protocol.seed) for k in range(args.inits)]
-            finally:
-                env.close()
-            wins = sum(r.success for r in results)
-            rate = wilson(wins, len(results))
-            lo, hi = rate.low, rate.high
-            steps = [r.steps for r in results if r.success]
-            report["tasks"][str(task)] = {"instruction": env.instruction, "successes": wins, "episodes": len(results),
-                                          "wilson95": [lo, hi], "failures": [r.failure for r in results if r.failure]}
-            rows.append([task, env.instruction, f"{wins}/{len(results)}", f"[{lo:.2f}, {hi:.2f}]",
-                         f"{sum(steps) / max(1, len(steps)):.0f}",
-                         f"{sum(r.wall_s for r in results) / len(results):.1f}"])
-            print(f"  task {task}: {wins}/{len(results)}", flush=True)
-    except QuantVLAError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    for task in _tasks(args.tasks):
+        env = TaskEnv(args.suite, task, protocol)
+        try:
+            results = [env.run_episode(k, ExpertPolicy(env), seed=protocol.seed) for k in range(args.inits)]
+        finally:
+            env.close()
+        wins = sum(r.success for r in results)
+        rate = wilson(wins, len(results))
+        lo, hi = rate.low, rate.high
+        steps = [r.steps for r in results if r.success]
+        report["tasks"][str(task)] = {"instruction": env.instruction, "successes": wins, "episodes": len(results),
+                                      "wilson95": [lo, hi], "failures": [r.failure for r in results if r.failure]}
+        rows.append([task, env.instruction, f"{wins}/{len(results)}", f"[{lo:.2f}, {hi:.2f}]",
+                     f"{sum(steps) / max(1, len(steps)):.0f}",
+                     f"{sum(r.wall_s for r in results) / len(results):.1f}"])
+        print(f"  task {task}: {wins}/{len(results)}", flush=True)
     print(tabulate(rows, headers=["task", "instruction", "success", "Wilson 95%", "mean steps", "s/episode"]))
     if args.json:
         write_json_atomic(Path(args.json), report)
@@ -152,15 +142,10 @@ def _expert(args) -> int:
 
 
 def _demos(args) -> int:
-    from quantvla.errors import QuantVLAError
     from quantvla.tiny.demos import generate
 
-    try:
-        demos = generate(args.suite, _tasks(args.tasks), args.per_task, args.max_steps, args.workers,
-                         args.noisy_share, args.noise)
-    except QuantVLAError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    demos = generate(args.suite, _tasks(args.tasks), args.per_task, args.max_steps, args.workers,
+                     args.noisy_share, args.noise)
     demos.save(args.out)
     print(f"wrote {args.out}: {len(demos.tasks)} demos, {len(demos.actions)} steps")
     return 0
@@ -169,20 +154,15 @@ def _demos(args) -> int:
 def _train_tiny(args) -> int:
     import torch
 
-    from quantvla.errors import QuantVLAError
     from quantvla.tiny.demos import Demos
     from quantvla.tiny.policy import save_bundle
     from quantvla.tiny.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        demos = Demos.load(args.demos)
-        cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
-        model, adapter, calibration, record = train(args.model, demos, cfg)
-    except QuantVLAError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    demos = Demos.load(args.demos)
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    model, adapter, calibration, record = train(args.model, demos, cfg)
     meta = {"config_name": "tiny-state", "suite": demos.meta["suite"], "tasks": sorted(set(demos.tasks)),
             "inputs": "object-state tokens (robot, goal object, container) and the instruction: a state-based "
                       "stand-in for the camera; this policy never sees an image",
