@@ -1,6 +1,6 @@
 """Command line: python -m quantvla <command> ...
 
-  bench kernels   QuantLinear (W8A8, W4A8, W4A4) against fp32/bf16 F.linear, ratios in one run
+  bench kernels   QuantLinear (W8A8, W8A8 prepacked, W4A8, W4A4) against fp32/bf16 F.linear, ratios in one run
   bench models    FP vs quantized action-chunk latency, calibration time, component memory
   bench libero    naive vs render-on-query LIBERO episodes, side by side
   libero          paired FP / quantized LIBERO episodes, success table and gate verdict
@@ -24,12 +24,14 @@ def _bench_kernels(args) -> int:
     import torch
 
     from quantvla.bench import kernels
-    from quantvla.quant.kernels import cpu_kernel_ok
+    from quantvla.quant.kernels import cpu_kernel_ok, onednn_unavailable_reason
 
     if args.threads:
         torch.set_num_threads(args.threads)
     ms = tuple(args.m) if args.m else kernels.DEFAULT_M
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, int8 CPU kernel exact: {cpu_kernel_ok()}")
+    onednn = onednn_unavailable_reason() or "ok"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, int8 CPU kernel exact: {cpu_kernel_ok()}, "
+          f"prepacked oneDNN path: {onednn}")
     rows = kernels.run(ms=ms, min_rounds=args.rounds, with_transform=not args.no_transform, device=args.device)
     print(kernels.as_table(rows))
     if args.json:

@@ -6,7 +6,8 @@ and every quantizer:
   paper's 4.27 GiB for pi0.5 exactly);
 * in a quantized model, a component still an nn.Linear counts the same FP16 bytes; anything else
   counts every tensor it keeps: storage = its state_dict, resident = every parameter and buffer
-  alive between calls (caches included).
+  alive between calls plus the caches its footprint() reports (QuantLinear's oneDNN prepacked
+  weight under the opt-in 'onednn' backend).
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def _count(fp_model: nn.Module, replacement) -> MemoryReport:
             continue
         n_quant += 1
         storage += _tensor_bytes(m.state_dict().values())
-        resident += _tensor_bytes(list(m.parameters()) + list(m.buffers()))
+        if hasattr(m, "footprint"):  # QuantLinear: counts its caches too
+            resident += m.footprint()["resident"]
+        else:
+            resident += _tensor_bytes(list(m.parameters()) + list(m.buffers()))
     return MemoryReport(fp16, storage, resident, len(names), n_quant)
 
 

@@ -33,10 +33,14 @@ def test_bench_kernels_rows_are_ratios_of_the_same_run(tmp_path):
     rows = kernels.run(ms=(8,), kns=((128, 96),), with_transform=True, min_rounds=2, min_seconds=0.0,
                        log=lambda _: None)
     by_name = {r.name: r for r in rows}
-    assert set(by_name) == {"fp32 F.linear", "bf16 F.linear", "W8A8", "W4A8", "W4A4", "W4A8+DuQuant"}
+    assert set(by_name) == {"fp32 F.linear", "bf16 F.linear", "W8A8", "W8A8 prepacked", "W4A8", "W4A4",
+                            "W4A8+DuQuant"}
     fp32 = by_name["fp32 F.linear"].ms
     for r in rows:
         assert r.vs_fp32 == pytest.approx(fp32 / r.ms, rel=0.02, abs=0.01)
+    # memory beside speed: W4 stays packed (no cache), the prepacked W8 pays for its oneDNN copy
+    assert by_name["W4A8"].resident_bytes < 0.3 * by_name["bf16 F.linear"].resident_bytes
+    assert by_name["W8A8 prepacked"].resident_bytes > 1.9 * by_name["W8A8"].resident_bytes
     assert kernels.plot(rows, tmp_path / "k.png")
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -65,6 +65,33 @@ def test_backends_bit_identical_end_to_end(x, n, cfg, seed):
     lin = make_linear(x.shape[1], n, seed)
     layer = QuantLinear.from_linear(lin, cfg, calib=x)
     assert torch.equal(layer(x, backend="cpu"), layer(x, backend="reference"))
+    rows = x.repeat(-(-16 // x.shape[0]), 1)  # >= ONEDNN_MIN_M rows: the oneDNN kernel itself runs
+    assert torch.equal(layer(rows, backend="onednn"), layer(rows, backend="reference"))
+
+
+def test_onednn_cache_is_counted_rebuilt_and_never_saved():
+    """The prepacked copy is resident memory (footprint, component memory), follows in-place edits of
+    qweight, and is not state: not in the state_dict, dropped by deepcopy, pickling and .to()."""
+    from quantvla.quant.config import linear_config
+    x = torch.randn(32, 256)
+    layer = QuantLinear.from_linear(make_linear(256, 128, 0), linear_config("w8a8", backend="onednn"))
+    assert layer.footprint()["resident"] == layer.footprint()["storage"]  # nothing built yet
+    want = layer(x, backend="reference")
+    assert torch.equal(layer(x), want)
+    pk = layer._prepacked
+    assert pk is not None and pk.nbytes >= 256 * 128
+    assert layer.footprint()["resident"] == layer.footprint()["storage"] + pk.nbytes
+    assert set(layer.state_dict()) == set(layer.nbytes) - {"total"}
+    with torch.no_grad():
+        layer.qweight[5].neg_()  # a known-bad edit must reach the kernel, not a stale cache
+    assert not torch.equal(layer(x), want)
+    assert torch.equal(layer(x), layer(x, backend="reference"))
+    assert copy.deepcopy(layer)._prepacked is None
+    assert torch.equal(copy.deepcopy(layer)(x), layer(x))
+    assert layer.to(torch.float32)._prepacked is None
+    w4 = QuantLinear.from_linear(make_linear(256, 128, 0), linear_config("w4a8", backend="onednn"))
+    w4(x)
+    assert w4._prepacked is None  # W4 stays packed: the tile path, no int8 copy
 
 
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4"])

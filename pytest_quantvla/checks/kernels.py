@@ -1,8 +1,10 @@
 """Integer kernels on this machine: every backend bit-identical to the int64 oracle, with the
-operands that break broken kernels (saturating all-max products, K = 1, odd shapes)."""
+operands that break broken kernels (saturating all-max products, K = 1, odd shapes, odd sums
+beyond fp32's 2^24)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pytest_quantvla.collect import CheckFailed
@@ -19,9 +21,16 @@ def _probe_operands(seed: int, wbits: int):
                                       torch.randint(lo, hi + 1, (n, k), generator=gen, dtype=torch.int8))
         yield f"all-min {m}x{k}x{n}", (torch.full((m, k), -128, dtype=torch.int8),
                                        torch.full((n, k), lo, dtype=torch.int8))
+    # odd sums above 2^24 (W8): an fp32 detour rounds them, so a kernel that returns float(acc)
+    # without its int32 fallback fails here
+    w = torch.full((96, 2048), hi, dtype=torch.int8)
+    w[:, 0] = hi - 1
+    yield "odd-large 64x2048x96", (torch.full((64, 2048), 127, dtype=torch.int8), w)
 
 
 def _exact(backend: str, wbits: int, seed: int, device: str) -> dict:
+    if backend == "onednn" and not kernels.onednn_ok():
+        pytest.skip(f"the opt-in onednn backend is unavailable here: {kernels.onednn_unavailable_reason()}")
     checked = 0
     for what, (qx, qw) in _probe_operands(seed, wbits):
         want = qx.long() @ qw.long().t()
@@ -43,3 +52,5 @@ def checks(run):
     for bits in sorted({wbits, 8}):
         yield (f"{prefix}/kernel_exact[{backend}-w{bits}]",
                lambda bits=bits: _exact(backend, bits, run.seed, device), ())
+    if backend == "cpu":  # the prepacked W8 path (64x2048x96 runs oneDNN; the all-min probes its fallback)
+        yield f"{prefix}/kernel_exact[onednn-w8]", lambda: _exact("onednn", 8, run.seed, device), ()

@@ -2,7 +2,10 @@
 
 For every shape, all candidates run in interleaved rounds (fp32, bf16, W8A8, W4A8, ... then again)
 and each keeps its median, so a burst of load from another process hits all of them alike.
-Ratios are fp32 time / candidate time: > 1 means the candidate is faster.
+Ratios are fp32 time / candidate time: > 1 means the candidate is faster. Every row also gives
+the bytes the candidate keeps resident (weights, scales, caches: QuantLinear.footprint()), so the
+one speed-for-memory trade on the list, "W8A8 prepacked" (the opt-in oneDNN backend, CPU only),
+shows its price next to its speed.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ class KernelRow:
     ms: float
     vs_fp32: float
     vs_bf16: float
+    resident_bytes: int
 
 
-def _config(wbits: int, abits: int, transform: bool) -> LinearQuantConfig:
+def _config(wbits: int, abits: int, transform: bool, backend: str = "auto") -> LinearQuantConfig:
     # One clip ratio: the MSE search changes the values, not the speed, and is slow on big weights.
     return LinearQuantConfig(WeightQuantConfig(bits=wbits, clip_ratios=(1.0,)), ActQuantConfig(bits=abits),
-                             DuQuantConfig() if transform else None)
+                             DuQuantConfig() if transform else None, backend=backend)
 
 
 def _time_interleaved(fns: dict, min_rounds: int, min_seconds: float) -> dict[str, float]:
@@ -72,10 +76,13 @@ def run(ms=DEFAULT_M, kns=DEFAULT_KN, with_transform: bool = True, min_rounds: i
         w16 = w32.to(torch.bfloat16)
         calib = torch.randn(64, k, generator=gen)
         layers = {"W8A8": QuantLinear.from_linear(lin, _config(8, 8, False)),
+                  "W8A8 prepacked": QuantLinear.from_linear(lin, _config(8, 8, False, "onednn")),
                   "W4A8": QuantLinear.from_linear(lin, _config(4, 8, False)),
                   "W4A4": QuantLinear.from_linear(lin, _config(4, 4, False))}
         if with_transform:
             layers["W4A8+DuQuant"] = QuantLinear.from_linear(lin, _config(4, 8, True), calib=calib)
+        if device != "cpu":
+            del layers["W8A8 prepacked"]
         layers = {name: layer.to(device) for name, layer in layers.items()}
         for m in ms:
             x = torch.randn(m, k, generator=gen).to(device)
@@ -88,9 +95,11 @@ def run(ms=DEFAULT_M, kns=DEFAULT_KN, with_transform: bool = True, min_rounds: i
                    "bf16 F.linear": timed(lambda x=x16, w=w16: F.linear(x, w))}
             fns.update({name: timed(lambda layer=layer, x=x: layer(x)) for name, layer in layers.items()})
             med = _time_interleaved(fns, min_rounds, min_seconds)
+            resident = {"fp32 F.linear": w32.numel() * 4, "bf16 F.linear": w16.numel() * 2}
+            resident.update({name: layer.footprint()["resident"] for name, layer in layers.items()})
             for name, t in med.items():
                 row = KernelRow(m, k, n, name, round(t, 4), round(med["fp32 F.linear"] / t, 2),
-                                round(med["bf16 F.linear"] / t, 2))
+                                round(med["bf16 F.linear"] / t, 2), resident[name])
                 rows.append(row)
             log(f"  M={m:<4} K={k:<6} N={n:<6} " + "  ".join(f"{r.name} {r.ms:.3f}ms ({r.vs_fp32}x)"
                                                              for r in rows[-len(med):]))

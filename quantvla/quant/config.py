@@ -117,7 +117,7 @@ class LinearQuantConfig:
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     act: ActQuantConfig = field(default_factory=ActQuantConfig)
     transform: DuQuantConfig | None = None
-    backend: str = "auto"  # "auto" | "reference" | "cpu" | "cuda"
+    backend: str = "auto"  # "auto" | "reference" | "cpu" | "onednn" (CPU, W8 prepacked cache) | "cuda"
 
     @property
     def tag(self) -> str:
@@ -135,11 +135,12 @@ class LinearQuantConfig:
         return cls(weight=w, act=a, transform=DuQuantConfig(**t) if t else None, **d)
 
 
-def linear_config(bits: str = "w4a8", transform: DuQuantConfig | None = None, **act) -> LinearQuantConfig:
+def linear_config(bits: str = "w4a8", transform: DuQuantConfig | None = None, backend: str = "auto",
+                  **act) -> LinearQuantConfig:
     """Shorthand: linear_config("w4a8") -> 4-bit weights, 8-bit per-token asymmetric activations."""
     try:
         wb, ab = bits.lower().removeprefix("w").split("a")
         wbits, abits = int(wb), int(ab)
     except ValueError:
         raise QuantInputError(f"bits must look like 'w4a8', got {bits!r}") from None
-    return LinearQuantConfig(WeightQuantConfig(bits=wbits), ActQuantConfig(bits=abits, **act), transform)
+    return LinearQuantConfig(WeightQuantConfig(bits=wbits), ActQuantConfig(bits=abits, **act), transform, backend)

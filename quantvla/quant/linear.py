@@ -52,6 +52,7 @@ class QuantLinear(nn.Module):
                              else None)
         self.transform = (DuQuantTransform(in_features, out_features, config.transform)
                           if config.transform is not None else None)
+        self._prepacked: kernels.PrepackedWeight | None = None  # onednn backend's cache (W8 only)
 
     @property
     def name_for_errors(self) -> str:
@@ -145,8 +146,9 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32)
         _, qa = self.quantize_input(x2)
-        acc = kernels.int_linear(qa.q, self.qweight, self.in_features, self.config.weight.bits,
-                                 backend or self.config.backend)
+        backend = backend or self.config.backend
+        acc = kernels.int_linear(qa.q, self.qweight, self.in_features, self.config.weight.bits, backend,
+                                 self._prepacked_weight() if backend == "onednn" else None)
         if qa.zero is not None:  # acc -= z_x (outer) w_sum, exact in int32
             if acc.is_cpu:  # one pass, no [M, N] temporary
                 acc.addr_(qa.zero.view(-1).expand(acc.shape[0]), self.w_sum, alpha=-1)
@@ -160,6 +162,22 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y.add_(self.bias)
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _prepacked_weight(self) -> kernels.PrepackedWeight | None:
+        """The oneDNN copy of qweight, built on first use and rebuilt if qweight changed in place."""
+        if self.config.weight.bits <= 4 or not self.qweight.is_cpu or not kernels.onednn_ok():
+            return None
+        pk = self._prepacked
+        if pk is None or pk.source != (self.qweight.data_ptr(), self.qweight._version):
+            self._prepacked = pk = kernels.onednn_prepack(self.qweight)
+        return pk
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), ...: the cache follows qweight lazily
+        self._prepacked = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # pickling / deepcopy: the opaque oneDNN tensor is a cache, not state
+        return {**self.__dict__, "_prepacked": None}
 
     # ---------------------------------------------------------------------- inspection
     def int_weight(self) -> torch.Tensor:
@@ -182,11 +200,14 @@ class QuantLinear(nn.Module):
     def footprint(self) -> dict[str, int]:
         """Storage (what is saved and loaded) and resident (what stays alive between calls) bytes.
 
-        They are equal: no unpacked weight, prepacked copy or rotation matrix is cached; W4 weights
-        are unpacked tile by tile into a per-thread scratch shared by all layers
-        (kernels.scratch_nbytes(), at most kernels.CPU_SCRATCH_BYTES)."""
+        They are equal unless the opt-in 'onednn' backend has prepacked a W8 weight, whose copy
+        (about N*K bytes) then counts as resident. Nothing else is cached: no unpacked weight or
+        rotation matrix; W4 weights are unpacked tile by tile into a per-thread scratch shared by
+        all layers (kernels.scratch_nbytes(), at most kernels.CPU_SCRATCH_BYTES)."""
         storage = self.nbytes["total"]
         resident = sum(t.numel() * t.element_size() for t in list(self.buffers()) + list(self.parameters()))
+        if self._prepacked is not None:
+            resident += self._prepacked.nbytes
         return {"storage": storage, "resident": resident}
 
     def extra_repr(self) -> str:
