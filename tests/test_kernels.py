@@ -1,5 +1,8 @@
 """(a) Every integer backend is bit-identical to the int64 oracle."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given
@@ -87,6 +90,15 @@ def test_onednn_prepack_bound_widens_before_abs():
 
 def test_onednn_self_test_passes_on_this_machine():
     assert kernels.onednn_ok(), kernels.onednn_unavailable_reason()
+
+
+def test_onednn_self_test_run_first_under_inference_mode_still_passes():
+    """Eval code often runs everything under torch.inference_mode(); the one-time self-test must not
+    fail there (its tensors have no version counter) and switch the backend off for the process."""
+    code = ("import torch\nfrom quantvla.quant import kernels\nwith torch.inference_mode():\n"
+            "    assert kernels.onednn_ok(), kernels.onednn_unavailable_reason()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_onednn_unavailable_falls_back_to_cpu_once_with_a_reason(monkeypatch):

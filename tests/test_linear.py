@@ -89,6 +89,9 @@ def test_onednn_cache_is_counted_rebuilt_and_never_saved():
     assert copy.deepcopy(layer)._prepacked is None
     assert torch.equal(copy.deepcopy(layer)(x), layer(x))
     assert layer.to(torch.float32)._prepacked is None
+    with torch.inference_mode():  # tensors without a version counter: still prepacked and exact
+        inf = QuantLinear.from_linear(make_linear(256, 128, 0), linear_config("w8a8", backend="onednn"))
+        assert torch.equal(inf(x), inf(x, backend="reference")) and inf._prepacked is not None
     w4 = QuantLinear.from_linear(make_linear(256, 128, 0), linear_config("w4a8", backend="onednn"))
     w4(x)
     assert w4._prepacked is None  # W4 stays packed: the tile path, no int8 copy

@@ -82,7 +82,7 @@ def int_linear(qx: torch.Tensor, qweight: torch.Tensor, k: int, weight_bits: int
             return _reference(qx, qweight)
         if prepacked is None:
             prepacked = onednn_prepack(qweight)
-        elif prepacked.source != (qweight.data_ptr(), qweight._version):
+        elif prepacked.source != weight_identity(qweight):
             raise KernelUnavailable("the prepacked weight was built from another (or since edited) qweight; "
                                     "prepack it again with onednn_prepack(qweight)")
         return _onednn_int_mm(qx, qweight, prepacked)
@@ -116,7 +116,7 @@ class PrepackedWeight:
 
     def __init__(self, w: torch.Tensor):
         n, k = w.shape
-        self.source = (w.data_ptr(), w._version)
+        self.source = weight_identity(w)
         if k == 1:  # same K == 1 guard as _cpu_int_mm
             w = F.pad(w, (0, 1))
         self.n, self.k = n, w.shape[1]
@@ -135,6 +135,12 @@ class PrepackedWeight:
         for a 4096x4096 weight was 16.09 MiB against this formula's 16.02 MiB), plus the two vectors."""
         n64, k64 = -(-self.n // 64) * 64, -(-self.k // 64) * 64
         return n64 * k64 + 4 * n64 + self.ones.numel() * 4 + self.zeros.numel() * 8
+
+
+def weight_identity(w: torch.Tensor) -> tuple[int, int]:
+    """(data_ptr, version counter): changes when w is replaced or edited in place. Tensors made under
+    torch.inference_mode() keep no version counter, so for them only replacement is seen."""
+    return w.data_ptr(), (-1 if w.is_inference() else w._version)
 
 
 def onednn_prepack(w: torch.Tensor) -> PrepackedWeight:

@@ -168,7 +168,7 @@ class QuantLinear(nn.Module):
         if self.config.weight.bits <= 4 or not self.qweight.is_cpu or not kernels.onednn_ok():
             return None
         pk = self._prepacked
-        if pk is None or pk.source != (self.qweight.data_ptr(), self.qweight._version):
+        if pk is None or pk.source != kernels.weight_identity(self.qweight):
             self._prepacked = pk = kernels.onednn_prepack(self.qweight)
         return pk
 
