@@ -304,7 +304,7 @@ def _onednn_self_test() -> str:
         fast, slow = _best_of(lambda: _onednn_int_mm(a, b, pk)), _best_of(lambda: _cpu_int_mm(a, b))
     except RuntimeError as err:
         return f"oneDNN failed: {str(err).splitlines()[0]}"
-    if fast > 4 * slow:
+    if fast > 10 * slow:  # the reference kernel is ~1000x off; a noisy neighbour is not
         return f"oneDNN runs its reference int8 kernel on this CPU ({fast * 1e3:.1f} ms vs {slow * 1e3:.1f} ms)"
     return ""
 
