@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from quantvla.quant.linear import QuantLinear
+
 COMPONENT_ROLES = ("llm", "dit_mlp", "dit_attn")
 GIB = 2**30
 
@@ -62,7 +64,7 @@ def _count(fp_model: nn.Module, replacement) -> MemoryReport:
             continue
         n_quant += 1
         storage += _tensor_bytes(m.state_dict().values())
-        if hasattr(m, "footprint"):  # QuantLinear: counts its caches too
+        if isinstance(m, QuantLinear):  # counts its caches too (the onednn backend's prepacked weight)
             resident += m.footprint()["resident"]
         else:
             resident += _tensor_bytes(list(m.parameters()) + list(m.buffers()))
@@ -79,7 +81,6 @@ def projected_memory(fp_model: nn.Module, config) -> MemoryReport:
     """The same report for a QuantConfig applied to a model built on the meta device: each selected
     layer becomes a QuantLinear constructed on meta (nothing allocated) whose exact bytes count."""
     from quantvla.api import quantized_layer_names
-    from quantvla.quant.linear import QuantLinear
 
     selected = set(quantized_layer_names(fp_model, config)) if config.linear is not None else set()
 

@@ -47,6 +47,21 @@ def test_selected_layers_become_integer_layers_and_the_teacher_is_untouched(setu
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
+def test_component_memory_counts_the_onednn_cache(setup):
+    """A model run on the opt-in prepacked backend keeps more than it stores, and the report says so."""
+    import dataclasses
+
+    from quantvla.memory import component_memory
+    model, buf, _ = setup
+    cfg = preset("smoothquant-w8a8")
+    q = quantize(model, buf, dataclasses.replace(cfg, linear=dataclasses.replace(cfg.linear, backend="onednn")))
+    assert component_memory(model, q).resident_bytes == component_memory(model, q).storage_bytes
+    q.sample_actions(buf.inputs[0], buf.noise[0])
+    rep = component_memory(model, q)
+    cached = sum(m._prepacked.nbytes for m in q.modules() if isinstance(m, QuantLinear) and m._prepacked)
+    assert cached > 0 and rep.resident_bytes == rep.storage_bytes + cached
+
+
 # ----------------------------------------------------------------------------- ATM / OHB maths
 def test_alpha_is_one_over_c_for_a_head_scaled_by_c():
     teacher = torch.tensor([1.0, 2.0, 3.0])
