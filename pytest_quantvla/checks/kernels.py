@@ -52,5 +52,5 @@ def checks(run):
     for bits in sorted({wbits, 8}):
         yield (f"{prefix}/kernel_exact[{backend}-w{bits}]",
                lambda bits=bits: _exact(backend, bits, run.seed, device), ())
-    if backend == "cpu":  # the prepacked W8 path (64x2048x96 runs oneDNN; the all-min probes its fallback)
+    if backend == "cpu":  # the prepacked W8 path: 64x2048x96 runs oneDNN, all-min and odd-large its int32 redo
         yield f"{prefix}/kernel_exact[onednn-w8]", lambda: _exact("onednn", 8, run.seed, device), ()
