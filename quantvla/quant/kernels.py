@@ -272,11 +272,16 @@ def _self_test() -> bool:
 
 def onednn_ok() -> bool:
     """One-time self-test of the prepacked oneDNN path: exact on random and saturating operands
-    (against the int64 oracle), and not oneDNN's reference kernel (which it silently picks where
-    its brgemm cannot run; measured 3000x slower). onednn_unavailable_reason() says why not."""
+    against the int64 oracle. onednn_unavailable_reason() says why not.
+
+    Only exactness decides, so the answer is the same in every process on a machine (xdist workers
+    agree with a serial run). Speed only warns: where oneDNN's brgemm cannot run it silently uses its
+    reference kernel (measured 3000x slower), which is exact but defeats the point."""
     global _onednn_why_not
     if _onednn_why_not is None:
         _onednn_why_not = _onednn_self_test()
+        if _onednn_why_not == "":
+            _warn_if_reference_kernel()
     return _onednn_why_not == ""
 
 
@@ -299,14 +304,22 @@ def _onednn_self_test() -> str:
         for a, b in probes:
             if not torch.equal(_onednn_int_mm(a, b, onednn_prepack(b)), _reference(a, b)):
                 return "oneDNN gave inexact int8 results on this CPU"
-        a, b = rand(64, 1024), rand(1024, 1024)
-        pk = onednn_prepack(b)
-        fast, slow = _best_of(lambda: _onednn_int_mm(a, b, pk)), _best_of(lambda: _cpu_int_mm(a, b))
     except RuntimeError as err:
         return f"oneDNN failed: {str(err).splitlines()[0]}"
-    if fast > 10 * slow:  # the reference kernel is ~1000x off; a noisy neighbour is not
-        return f"oneDNN runs its reference int8 kernel on this CPU ({fast * 1e3:.1f} ms vs {slow * 1e3:.1f} ms)"
     return ""
+
+
+def _warn_if_reference_kernel() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (64, 1024), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (1024, 1024), generator=gen, dtype=torch.int8)
+    pk = onednn_prepack(b)
+    fast, slow = _best_of(lambda: _onednn_int_mm(a, b, pk)), _best_of(lambda: _cpu_int_mm(a, b))
+    # the reference kernel takes ~0.75 s here, brgemm ~0.1 ms: both bars are far from either
+    if fast > 50 * slow and fast > 0.05:
+        warnings.warn(f"oneDNN runs its slow reference int8 kernel on this CPU ({fast * 1e3:.0f} ms against "
+                      f"{slow * 1e3:.2f} ms for torch._int_mm); results stay exact, but use backend 'cpu'",
+                      RuntimeWarning, stacklevel=4)
 
 
 def _best_of(fn, repeats: int = 3) -> float:
