@@ -77,9 +77,7 @@ def int_linear(qx: torch.Tensor, qweight: torch.Tensor, k: int, weight_bits: int
     the weight is prepacked for this call alone (exact, but slower than _int_mm)."""
     backend = resolve_backend(backend, qx.device)
     packed = weight_bits <= 4
-    if backend == "onednn" and not packed:
-        if not cpu_kernel_ok():
-            return _reference(qx, qweight)
+    if backend == "onednn" and not packed:  # resolve_backend kept "onednn": its self-test passed
         if prepacked is None:
             prepacked = onednn_prepack(qweight)
         elif prepacked.source != weight_identity(qweight):
@@ -252,20 +250,27 @@ def cpu_kernel_ok() -> bool:
     return _cpu_ok
 
 
+def _self_test_probes() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Operands that break broken int8 GEMMs: random, all-max, all-min and mixed-sign saturating
+    sums past 2^24 at K = 2048, a tiny K = 3 and the K = 1 case torch 2.13 gets wrong."""
+    gen = torch.Generator().manual_seed(0)
+    full = lambda v, *shape: torch.full(shape, v, dtype=torch.int8)  # noqa: E731
+    return [
+        (torch.randint(-128, 128, (32, 2048), generator=gen, dtype=torch.int8),
+         torch.randint(-128, 128, (64, 2048), generator=gen, dtype=torch.int8)),
+        (full(127, 32, 2048), full(127, 64, 2048)),
+        (full(-128, 32, 2048), full(-128, 64, 2048)),
+        (full(-128, 32, 2048), full(127, 64, 2048)),
+        (full(-128, 1, 3), full(127, 5, 3)),
+        (full(-7, 3, 1), full(5, 2, 1)),
+    ]
+
+
 def _self_test() -> bool:
     if not hasattr(torch, "_int_mm"):
         return False
-    gen = torch.Generator().manual_seed(0)
-    probes = [
-        (torch.randint(-128, 128, (32, 2048), generator=gen, dtype=torch.int8),
-         torch.randint(-128, 128, (64, 2048), generator=gen, dtype=torch.int8)),
-        (torch.full((32, 2048), 127, dtype=torch.int8), torch.full((64, 2048), 127, dtype=torch.int8)),
-        (torch.full((32, 2048), -128, dtype=torch.int8), torch.full((64, 2048), -128, dtype=torch.int8)),
-        (torch.full((1, 3), -128, dtype=torch.int8), torch.full((5, 3), 127, dtype=torch.int8)),
-        (torch.full((3, 1), -7, dtype=torch.int8), torch.full((2, 1), 5, dtype=torch.int8)),
-    ]
     try:
-        return all(torch.equal(_cpu_int_mm(a, b), _reference(a, b)) for a, b in probes)
+        return all(torch.equal(_cpu_int_mm(a, b), _reference(a, b)) for a, b in _self_test_probes())
     except RuntimeError:
         return False
 
@@ -295,13 +300,8 @@ def _onednn_self_test() -> str:
         return "this torch build has no oneDNN quantized linear"
     if not cpu_kernel_ok():
         return "torch._int_mm failed its own self-test"
-    gen = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)  # noqa: E731
-    full = lambda v, *shape: torch.full(shape, v, dtype=torch.int8)  # noqa: E731
-    probes = [(rand(32, 512), rand(64, 512)), (full(127, 32, 512), full(127, 64, 512)),
-              (full(-128, 32, 512), full(-128, 64, 512)), (full(-128, 32, 512), full(127, 64, 512))]
-    try:
-        for a, b in probes:
+    try:  # the 32-row probes run oneDNN itself (and its int32 redo); the tiny ones run _int_mm
+        for a, b in _self_test_probes():
             if not torch.equal(_onednn_int_mm(a, b, onednn_prepack(b)), _reference(a, b)):
                 return "oneDNN gave inexact int8 results on this CPU"
     except RuntimeError as err:
