@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -15,6 +16,19 @@ from quantvla.quant.packing import pack_int4
 from .strategies import int_matrices
 
 HOST_BACKENDS = ["cpu"]
+
+
+def needs_onednn():
+    """Skip, with the library's own reason, where the prepacked oneDNN path cannot run exactly."""
+    if not kernels.onednn_ok():
+        pytest.skip(f"the onednn backend is unavailable on this CPU: {kernels.onednn_unavailable_reason()}")
+
+
+@pytest.fixture
+def onednn_available(monkeypatch):
+    """Availability injected, for behaviour that does not depend on oneDNN's arithmetic (the stale
+    handle check, the warning): it runs on every CPU, including those where oneDNN is inexact."""
+    monkeypatch.setattr(kernels, "_onednn_why_not", "")
 
 
 def _operands(draw, wbits, abits=8):
@@ -47,7 +61,8 @@ def test_cpu_int4_tiling_matches_oracle(data, tile_bytes):
 @given(data=st.data(), wbits=st.integers(2, 8), m=st.integers(kernels.ONEDNN_MIN_M, 48),
        cache=st.booleans())
 def test_onednn_backend_matches_oracle(data, wbits, m, cache):
-    """From ONEDNN_MIN_M rows the prepacked oneDNN kernel really runs (W5..8; W4 keeps the tile path),
+    """Where the backend is unavailable this checks its fallback (the cpu backend). From ONEDNN_MIN_M
+    rows the prepacked oneDNN kernel really runs (W5..8; W4 keeps the tile path),
     with the layer's cached handle or one built for the call; the min/max operand kinds of
     int_matrices push sums past 2^24 at large K, which must take the exact int32 fallback."""
     k, n = data.draw(st.integers(1, 160)), data.draw(st.integers(1, 70))
@@ -63,6 +78,7 @@ def test_onednn_backend_matches_oracle(data, wbits, m, cache):
 def test_onednn_sums_beyond_fp32_stay_exact(x_fill, k):
     """oneDNN hands back float(acc); past 2^24 an odd sum rounds, and the call must be redone in int32.
     One weight entry is 126 and the activations odd, so the sums are odd (they round in fp32: checked)."""
+    needs_onednn()
     qx = torch.full((kernels.ONEDNN_MIN_M, k), x_fill, dtype=torch.int8)
     qw = torch.full((3, k), 127, dtype=torch.int8)
     qw[:, 0] = 126
@@ -74,7 +90,7 @@ def test_onednn_sums_beyond_fp32_stay_exact(x_fill, k):
     assert torch.equal(kernels.int_linear(qx, qw, k, 8, "onednn", pk).long(), want)
 
 
-def test_a_stale_prepacked_weight_is_refused():
+def test_a_stale_prepacked_weight_is_refused(onednn_available):
     qx = torch.randint(-128, 128, (32, 64), dtype=torch.int8)
     qw = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
     pk = kernels.onednn_prepack(qw)
@@ -88,17 +104,29 @@ def test_onednn_prepack_bound_widens_before_abs():
     assert not kernels.onednn_prepack(torch.full((2, 2048), -128, dtype=torch.int8)).always_exact
 
 
-def test_onednn_self_test_passes_on_this_machine():
-    assert kernels.onednn_ok(), kernels.onednn_unavailable_reason()
+def test_onednn_self_test_agrees_with_the_instruction_set():
+    """oneDNN's u8 x s8 kernel is exact exactly where the CPU has VNNI or AMX (the cpu backend's
+    GEMM is then torch._int_mm); elsewhere it saturates and the self-test must refuse it."""
+    if kernels.cpu_gemm() == "int_mm":
+        assert kernels.onednn_ok(), kernels.onednn_unavailable_reason()
+    else:
+        assert not kernels.onednn_ok()
+        assert "inexact" in kernels.onednn_unavailable_reason()
 
 
-def test_onednn_self_test_run_first_under_inference_mode_still_passes():
-    """Eval code often runs everything under torch.inference_mode(); the one-time self-test must not
-    fail there (its tensors have no version counter) and switch the backend off for the process."""
-    code = ("import torch\nfrom quantvla.quant import kernels\nwith torch.inference_mode():\n"
-            "    assert kernels.onednn_ok(), kernels.onednn_unavailable_reason()\n")
+def _self_test_verdict(inference_mode: bool) -> str:
+    code = ("import torch\nfrom quantvla.quant import kernels\n"
+            f"with torch.inference_mode({inference_mode}):\n"
+            "    print(repr(kernels.onednn_unavailable_reason()))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip().splitlines()[-1]
+
+
+def test_onednn_self_test_run_first_under_inference_mode_agrees():
+    """Eval code often runs everything under torch.inference_mode(); the one-time self-test must give
+    the same verdict there (its tensors have no version counter) as outside, on every CPU."""
+    assert _self_test_verdict(True) == _self_test_verdict(False)
 
 
 def test_a_slow_onednn_only_warns_so_every_process_agrees(monkeypatch):
@@ -106,6 +134,7 @@ def test_a_slow_onednn_only_warns_so_every_process_agrees(monkeypatch):
     times = iter([1.0, 0.0001])  # oneDNN's reference kernel, then _int_mm
     monkeypatch.setattr(kernels, "_best_of", lambda fn: next(times))
     monkeypatch.setattr(kernels, "_onednn_why_not", None)
+    monkeypatch.setattr(kernels, "_onednn_self_test", lambda: "")  # exact here, whatever the CPU
     with pytest.warns(RuntimeWarning, match="slow reference int8 kernel"):
         assert kernels.onednn_ok()
 
@@ -122,7 +151,42 @@ def test_onednn_unavailable_falls_back_to_cpu_once_with_a_reason(monkeypatch):
 
 
 def test_cpu_self_test_passes_on_this_machine():
-    assert kernels.cpu_kernel_ok(), "torch._int_mm is inexact here; the cpu backend would fall back"
+    assert kernels.cpu_kernel_ok(), f"the {kernels.cpu_gemm()} GEMM is inexact here; the cpu backend would fall back"
+
+
+@pytest.mark.parametrize("gemm", kernels.CPU_GEMMS)
+@given(data=st.data(), wbits=st.integers(2, 8), abits=st.sampled_from([4, 8]))
+def test_both_cpu_gemms_match_oracle(gemm, data, wbits, abits):
+    """Each GEMM the cpu backend can choose is exact on this machine too, not only the one chosen."""
+    qx, qw = _operands(data.draw, wbits, abits)
+    stored = pack_int4(qw) if wbits <= 4 else qw
+    with mock.patch.object(kernels, "_cpu_gemm", gemm):
+        got = kernels.int_linear(qx, stored, qx.shape[1], wbits, "cpu")
+    assert torch.equal(got.long(), qx.long() @ qw.long().t())
+
+
+@pytest.mark.parametrize("gemm", kernels.CPU_GEMMS)
+@pytest.mark.parametrize("wbits, k", [(8, 1024), (8, 3000), (4, 16384), (4, 40000)])
+def test_fp32_chunks_stop_at_the_exactness_edge(monkeypatch, gemm, wbits, k):
+    """All-min operands make every partial sum as large as it can be (one fp32 chunk of K = 1024 at
+    W8, 16384 at W4, sums to just under 2^24); the first product is odd, so every sum is odd and
+    past 2^24 fp32 rounds it (checked below): a chunk one column too long fails here."""
+    monkeypatch.setattr(kernels, "_cpu_gemm", gemm)
+    lo = -(1 << (wbits - 1))
+    qx = torch.full((3, k), -128, dtype=torch.int8)
+    qw = torch.full((2, k), lo, dtype=torch.int8)
+    qx[:, 0], qw[:, 0] = -127, lo + 1  # an odd first product
+    want = qx.long() @ qw.long().t()
+    if k > kernels.fp32_chunk(-lo):
+        assert not torch.equal(torch.tensor(want.numpy().astype("float32")).long(), want)
+    stored = pack_int4(qw) if wbits <= 4 else qw
+    assert torch.equal(kernels.int_linear(qx, stored, k, wbits, "cpu").long(), want)
+
+
+def test_cpu_gemm_follows_the_instruction_set():
+    fast_int8 = torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+    x86 = torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "ZVECTOR", "SVE256", "NEON")
+    assert kernels.cpu_gemm() == ("fp32" if x86 and not fast_int8 else "int_mm")
 
 
 def test_saturating_operands_at_large_k():

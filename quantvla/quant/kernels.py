@@ -6,10 +6,15 @@ qx is int8 [M, K]; qweight is int8 [N, K] (weights of 5..8 bits) or packed int4 
 [N, ceil(K/2)] (2..4 bits, see packing.py). Backends:
 
 - "reference": int64 matmul, the oracle. Slow, obviously exact.
-- "cpu": torch._int_mm (oneDNN s8s8s32, AMX/VNNI where present). Packed int4 weights are
-  unpacked one tile of rows at a time into a small per-thread scratch buffer, so no int8 copy
-  of the weight stays alive between calls. A one-time self-test with saturating operands
-  guards against CPUs whose u8*s8 path saturates in int16 (falls back to "reference").
+- "cpu": one of two exact GEMMs, chosen once per process from the CPU's instruction set
+  (cpu_gemm()): torch._int_mm (oneDNN s8s8s32) where the CPU has VNNI or AMX, or on x86 without
+  them, where _int_mm runs a slow generic kernel (0.01-0.1x fp32 on an AVX2-only EPYC), an fp32
+  GEMM of the integer values cut into K-chunks short enough that every partial sum stays below
+  2^24, so that fp32 holds it exactly whatever the summation order (W4: K <= 16384 per chunk, W8:
+  K <= 1024). Packed int4 weights are unpacked one tile of rows at a time into a small per-thread
+  scratch buffer, so no int8 (or fp32) copy of the weight stays alive between calls. A one-time
+  self-test with saturating operands guards against a GEMM that is inexact on this CPU (falls
+  back to "reference").
 - "onednn": W8 weights prepacked once into oneDNN's blocked layout (brgemm VNNI/AMX), which
   saves the weight reorder that _int_mm pays on every call (1.7x at 64x2048x2048 on the 2-core
   CI machine). The prepacked copy is a cache: it costs about N*K more resident bytes, so it is
@@ -26,6 +31,7 @@ All backends return bit-identical int32 results; tests check that against the or
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
 import warnings
@@ -34,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from quantvla.errors import KernelUnavailable
-from quantvla.quant.packing import unpack_int4, unpack_int4_halves
+from quantvla.quant.packing import pack_int4, unpack_int4, unpack_int4_halves
 
 BACKENDS = ("reference", "cpu", "onednn", "cuda")
 
@@ -43,6 +49,7 @@ CPU_SCRATCH_BYTES = 4 << 20
 
 _state = threading.local()
 _cpu_ok: bool | None = None
+_cpu_gemm: str | None = None  # "int_mm" or "fp32", fixed at first use (cpu_gemm())
 _onednn_why_not: str | None = None  # "" once the oneDNN path passed its self-test
 _onednn_warned = False
 
@@ -66,7 +73,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not _onednn_warned:
             _onednn_warned = True
             warnings.warn(f"integer backend 'onednn' is unavailable ({_onednn_why_not}); using 'cpu' "
-                          "(torch._int_mm), which gives the same integers", RuntimeWarning, stacklevel=3)
+                          f"({cpu_gemm()} GEMM), which gives the same integers", RuntimeWarning, stacklevel=3)
         return "cpu"
     return backend
 
@@ -98,13 +105,67 @@ def int_linear(qx: torch.Tensor, qweight: torch.Tensor, k: int, weight_bits: int
     return cpu_int4_mm(qx, qweight)
 
 
-def _cpu_int_mm(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+CPU_GEMMS = ("int_mm", "fp32")
+
+
+def cpu_gemm() -> str:
+    """How the "cpu" backend multiplies int8 matrices on this machine, decided once per process from
+    the instruction set (never from timing, so every xdist worker and a serial run choose alike):
+
+    - "int_mm": torch._int_mm, oneDNN's s8s8s32 kernel. Fast where the CPU has VNNI or AMX
+      (AVX-512 VNNI, AVX-VNNI, AMX-INT8), and the only choice off x86 (e.g. aarch64, where its speed
+      comes from the vendor's int8 dot-product instructions).
+    - "fp32": on x86 without VNNI (AVX2-only hosts). There oneDNN's s8 kernel is its slow generic
+      one and its fast u8 kernel saturates in int16 pair sums; an fp32 GEMM of the integer values
+      is exact when every partial sum stays below 2^24 (see _fp32_int_mm) and runs at fp32 speed."""
+    global _cpu_gemm
+    if _cpu_gemm is None:
+        x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+        fast_int8 = any(getattr(torch.cpu, probe, lambda: False)()
+                        for probe in ("_is_vnni_supported", "_is_amx_tile_supported"))
+        _cpu_gemm = "fp32" if x86 and not fast_int8 else "int_mm"
+    return _cpu_gemm
+
+
+def _cpu_int_mm(qx: torch.Tensor, w: torch.Tensor, w_max: int = 128) -> torch.Tensor:
+    """int8 [M, K] x int8 [N, K]^T -> int32 [M, N], exactly, through the GEMM cpu_gemm() chose.
+    `w_max` bounds |w| (8 for int4 values): it sets how long the fp32 GEMM's K-chunks may be."""
+    if cpu_gemm() == "fp32":
+        return _fp32_int_mm(qx.to(torch.float32), w, w_max)
+    return _int_mm(qx, w)
+
+
+def _int_mm(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """torch._int_mm on the transposed view of the [N, K] weight (the fast form on CPU).
 
     torch 2.13's CPU _int_mm returns garbage for K == 1 with N > 1; a zero column keeps it exact."""
     if qx.shape[1] == 1:
         qx, w = F.pad(qx, (0, 1)), F.pad(w, (0, 1))
     return torch._int_mm(qx, w.t())
+
+
+def fp32_chunk(w_max: int, x_max: int = 128) -> int:
+    """The longest K for which x_max * w_max * K <= 2^24: every partial sum of such a dot product is
+    an integer fp32 represents exactly, so the fp32 GEMM's result is exact in any summation order."""
+    return FP32_EXACT // (x_max * w_max)
+
+
+def _fp32_int_mm(xf: torch.Tensor, w: torch.Tensor, w_max: int = 128) -> torch.Tensor:
+    """xf: int8 values as fp32 [M, K]; w: int8 [N, K] with |w| <= w_max. int32 [M, N], exact.
+
+    The weight is converted to fp32 a block of rows at a time (at most CPU_SCRATCH_BYTES of int8,
+    a temporary, never cached); each K-chunk of fp32_chunk(w_max) columns is one exact GEMM."""
+    m, k = xf.shape
+    n = w.shape[0]
+    chunk = fp32_chunk(w_max)
+    out = torch.zeros(m, n, dtype=torch.int32)
+    rows = max(1, min(n, CPU_SCRATCH_BYTES // max(1, k)))
+    for start in range(0, n, rows):
+        w_rows = w[start:start + rows].to(torch.float32)
+        block = out[:, start:start + rows]
+        for c in range(0, k, chunk):
+            block.add_(F.linear(xf[:, c:c + chunk], w_rows[:, c:c + chunk]).to(torch.int32))
+    return out
 
 
 class PrepackedWeight:
@@ -171,11 +232,15 @@ def cpu_int4_mm(qx: torch.Tensor, packed: torch.Tensor, tile_bytes: int | None =
     """qx [M, K] int8 times packed int4 [N, ceil(K/2)]^T, unpacking about tile_bytes of int8 weight
     at a time into the per-thread scratch.
 
-    Wide weights (K/2 <= N) are cut into tiles of output rows; deep ones (K/2 > N, e.g. a 16384->2048
-    down projection) into tiles of input columns whose int32 partial products are summed, which
-    keeps each GEMM large enough for oneDNN (measured: 1.7x faster at 64x16384x2048)."""
+    On the "int_mm" GEMM, wide weights (K/2 <= N) are cut into tiles of output rows; deep ones
+    (K/2 > N, e.g. a 16384->2048 down projection) into tiles of input columns whose int32 partial
+    products are summed, which keeps each GEMM large enough for oneDNN (measured: 1.7x faster at
+    64x16384x2048). On the "fp32" GEMM each row tile is unpacked into one [rows, 2*ceil(K/2)]
+    block (both halves side by side) and multiplied in one exact call."""
     m, n, half = qx.shape[0], packed.shape[0], packed.shape[1]
     budget = tile_bytes or CPU_SCRATCH_BYTES
+    if cpu_gemm() == "fp32":
+        return _cpu_int4_fp32(qx, packed, budget)
     x_lo = qx[:, :half]
     x_hi = qx[:, half:]
     if x_hi.shape[1] < half:  # odd K: the last high nibble is padding (0); give it a zero activation
@@ -189,8 +254,8 @@ def cpu_int4_mm(qx: torch.Tensor, packed: torch.Tensor, tile_bytes: int | None =
             c = stop - start
             lo, hi = unpack_int4_halves(packed[:, start:stop], scratch[: n * c].view(n, c),
                                         scratch[n * c: 2 * n * c].view(n, c))
-            out.add_(_cpu_int_mm(x_lo[:, start:stop].contiguous(), lo))
-            out.add_(_cpu_int_mm(x_hi[:, start:stop].contiguous(), hi))
+            out.add_(_int_mm(x_lo[:, start:stop].contiguous(), lo))
+            out.add_(_int_mm(x_hi[:, start:stop].contiguous(), hi))
         return out
     x_lo, x_hi = x_lo.contiguous(), x_hi.contiguous()
     rows = max(1, min(n, budget // (2 * half)))
@@ -201,7 +266,24 @@ def cpu_int4_mm(qx: torch.Tensor, packed: torch.Tensor, tile_bytes: int | None =
         r = stop - start
         lo, hi = unpack_int4_halves(packed[start:stop], scratch[: r * half].view(r, half),
                                     scratch[r * half: 2 * r * half].view(r, half))
-        torch.add(_cpu_int_mm(x_lo, lo), _cpu_int_mm(x_hi, hi), out=out[:, start:stop])
+        torch.add(_int_mm(x_lo, lo), _int_mm(x_hi, hi), out=out[:, start:stop])
+    return out
+
+
+def _cpu_int4_fp32(qx: torch.Tensor, packed: torch.Tensor, budget: int) -> torch.Tensor:
+    m, k = qx.shape
+    n, half = packed.shape
+    xf = qx.to(torch.float32)
+    if k < 2 * half:  # odd K: the last high nibble is padding (0); give it a zero activation
+        xf = F.pad(xf, (0, 2 * half - k))
+    rows = max(1, min(n, budget // (2 * half)))
+    scratch = _scratch(2 * rows * half)
+    out = torch.empty(m, n, dtype=torch.int32)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        both = scratch[: (stop - start) * 2 * half].view(stop - start, 2 * half)
+        unpack_int4_halves(packed[start:stop], both[:, :half], both[:, half:])
+        out[:, start:stop] = _fp32_int_mm(xf, both, 8)
     return out
 
 
@@ -243,8 +325,8 @@ def cpu_kernel_ok() -> bool:
         _cpu_ok = _self_test()
         if not _cpu_ok:
             warnings.warn(
-                "torch._int_mm gave inexact int8 results on this CPU (likely int16 saturation on a CPU "
-                "without VNNI); using the exact int64 reference GEMM instead, which is much slower",
+                f"the cpu backend's {cpu_gemm()} GEMM gave inexact int8 results on this CPU; using the "
+                "exact int64 reference GEMM instead, which is much slower",
                 RuntimeWarning, stacklevel=3,
             )
     return _cpu_ok
@@ -266,11 +348,24 @@ def _self_test_probes() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
+def _int4_self_test_probes() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """int4 weights through the tile path: all-min at K = 2 * 16384, where each fp32 K-chunk of
+    the int4 route sums to exactly 2^24 (the edge of its exactness bound), and random odd shapes."""
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (torch.full((3, 32768), -128, dtype=torch.int8), torch.full((4, 32768), -8, dtype=torch.int8)),
+        (torch.randint(-128, 128, (17, 2049), generator=gen, dtype=torch.int8),
+         torch.randint(-8, 8, (33, 2049), generator=gen, dtype=torch.int8)),
+    ]
+
+
 def _self_test() -> bool:
-    if not hasattr(torch, "_int_mm"):
+    if cpu_gemm() == "int_mm" and not hasattr(torch, "_int_mm"):
         return False
     try:
-        return all(torch.equal(_cpu_int_mm(a, b), _reference(a, b)) for a, b in _self_test_probes())
+        return (all(torch.equal(_cpu_int_mm(a, b), _reference(a, b)) for a, b in _self_test_probes())
+                and all(torch.equal(cpu_int4_mm(a, pack_int4(b)), _reference(a, b))
+                        for a, b in _int4_self_test_probes()))
     except RuntimeError:
         return False
 
@@ -299,11 +394,12 @@ def _onednn_self_test() -> str:
     if not hasattr(torch.ops.onednn, "qlinear_pointwise") or not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN quantized linear"
     if not cpu_kernel_ok():
-        return "torch._int_mm failed its own self-test"
+        return "the cpu backend's GEMM failed its own self-test"
     try:  # the 32-row probes run oneDNN itself (and its int32 redo); the tiny ones run _int_mm
         for a, b in _self_test_probes():
             if not torch.equal(_onednn_int_mm(a, b, onednn_prepack(b)), _reference(a, b)):
-                return "oneDNN gave inexact int8 results on this CPU"
+                return ("oneDNN gave inexact int8 results on this CPU" + (
+                    " (without VNNI its u8 x s8 kernel saturates int16 pair sums)" if cpu_gemm() == "fp32" else ""))
     except RuntimeError as err:
         return f"oneDNN failed: {str(err).splitlines()[0]}"
     return ""
