@@ -15,7 +15,9 @@ def _row(nodeid: str, r: dict) -> list:
     verdict = r["outcome"]
     check = nodeid.split("/")[-1]
     if "kernel_exact" in nodeid:
-        return [check, f"{r.get('probes', '-')} probes", "int64 oracle, bit for bit", "quantvla.quant.kernels", verdict]
+        gemm = f" ({r['gemm']} GEMM)" if r.get("gemm") else ""
+        return [check, f"{r.get('probes', '-')} probes{gemm}", "int64 oracle, bit for bit", "quantvla.quant.kernels",
+                verdict]
     if "memory[full" in nodeid and "saving" in r:
         return [check, f"{r['fp16_gib']:.2f} -> {r['storage_gib']:.3f} GiB ({r['saving']:.1%} saved)",
                 f"<= {r['paper_quantized']} GB, >= {r['paper_saving']:.1%} saved",

@@ -41,7 +41,8 @@ def _exact(backend: str, wbits: int, seed: int, device: str) -> dict:
             raise CheckFailed(f"backend {backend!r} W{wbits}: {bad} of {want.numel()} int32 outputs differ from "
                               f"the int64 oracle on the {what} probe")
         checked += 1
-    return {"probes": checked}
+    # which exact GEMM the cpu backend chose on this CPU (kernels.cpu_gemm: by instruction set)
+    return {"probes": checked, **({"gemm": kernels.cpu_gemm()} if backend == "cpu" else {})}
 
 
 def checks(run):

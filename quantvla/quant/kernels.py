@@ -113,18 +113,28 @@ def cpu_gemm() -> str:
     the instruction set (never from timing, so every xdist worker and a serial run choose alike):
 
     - "int_mm": torch._int_mm, oneDNN's s8s8s32 kernel. Fast where the CPU has VNNI or AMX
-      (AVX-512 VNNI, AVX-VNNI, AMX-INT8), and the only choice off x86 (e.g. aarch64, where its speed
-      comes from the vendor's int8 dot-product instructions).
+      (AVX-512 VNNI, AVX-VNNI, AMX-INT8), and kept off x86 (e.g. aarch64, whose int8 dot-product
+      instructions oneDNN uses); the self-test still decides whether it is exact.
     - "fp32": on x86 without VNNI (AVX2-only hosts). There oneDNN's s8 kernel is its slow generic
       one and its fast u8 kernel saturates in int16 pair sums; an fp32 GEMM of the integer values
       is exact when every partial sum stays below 2^24 (see _fp32_int_mm) and runs at fp32 speed."""
     global _cpu_gemm
     if _cpu_gemm is None:
-        x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-        fast_int8 = any(getattr(torch.cpu, probe, lambda: False)()
-                        for probe in ("_is_vnni_supported", "_is_amx_tile_supported"))
-        _cpu_gemm = "fp32" if x86 and not fast_int8 else "int_mm"
+        _cpu_gemm = "fp32" if _x86_without_vnni() else "int_mm"
     return _cpu_gemm
+
+
+def _x86_without_vnni() -> bool:
+    """From torch's own CPU feature detection (torch.cpu.get_capabilities where this torch has it;
+    older builds: the private probes, which see AVX-512 VNNI and AMX only)."""
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is not None:
+        c = caps()
+        x86 = c.get("architecture", platform.machine()).lower() in ("x86_64", "amd64", "x86", "i686")
+        return x86 and not any(c.get(f, False) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "x86", "i686")
+    return x86 and not any(getattr(torch.cpu, probe, lambda: False)()
+                           for probe in ("_is_vnni_supported", "_is_amx_tile_supported"))
 
 
 def _cpu_int_mm(qx: torch.Tensor, w: torch.Tensor, w_max: int = 128) -> torch.Tensor:
