@@ -10,6 +10,7 @@ import torch
 from quantvla.bench import kernels
 
 
+@pytest.mark.slow  # a whole bench run: two models quantized and timed
 def test_bench_models_cli_writes_rows_json_and_png(tmp_path):
     out = tmp_path / "models.json"
     run = subprocess.run([sys.executable, "-m", "quantvla", "bench", "models", "--model", "pi05", "--size", "tiny",
@@ -40,7 +41,12 @@ def test_bench_kernels_rows_are_ratios_of_the_same_run(tmp_path):
         assert r.vs_fp32 == pytest.approx(fp32 / r.ms, rel=0.02, abs=0.01)
     # memory beside speed: W4 stays packed (no cache), the prepacked W8 pays for its oneDNN copy
     assert by_name["W4A8"].resident_bytes < 0.3 * by_name["bf16 F.linear"].resident_bytes
-    assert by_name["W8A8 prepacked"].resident_bytes > 1.9 * by_name["W8A8"].resident_bytes
+    # (where oneDNN is inexact the backend runs 'cpu' instead, and nothing is cached)
+    from quantvla.quant.kernels import onednn_ok
+    if onednn_ok():
+        assert by_name["W8A8 prepacked"].resident_bytes > 1.9 * by_name["W8A8"].resident_bytes
+    else:
+        assert by_name["W8A8 prepacked"].resident_bytes == by_name["W8A8"].resident_bytes
     assert kernels.plot(rows, tmp_path / "k.png")
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
 
