@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,13 @@ def parse(config: pytest.Config) -> RunConfig:
     device = values["device"]
     if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
         raise pytest.UsageError(f"--quantvla-device={device!r} is not valid; use cpu, cuda or cuda:N")
+    if device != "cpu":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.startswith("cuda:") and int(device[5:]) >= count):
+            raise pytest.UsageError(f"--quantvla-device={device!r}: no CUDA device {device[5:] or ''} on this machine "
+                                    f"({count} visible); run with --quantvla-device=cpu")
     try:
         seed = int(values["seed"])
     except ValueError:
@@ -99,19 +107,56 @@ def parse(config: pytest.Config) -> RunConfig:
     if checkpoint is not None and not checkpoint.exists():
         raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} does not exist; pass a .safetensors file or a "
                                 "checkpoint folder")
-    try:
-        episodes, margin = int(values["episodes"]), float(values["margin"])
-    except ValueError:
-        raise pytest.UsageError("--quantvla-episodes must be an integer and --quantvla-margin a number") from None
+    episodes, margin = _episodes(values["episodes"]), _margin(values["margin"])
     suites = None
     if values["suites"] is not None:
         suites = tuple(x.strip() for x in values["suites"].split(",") if x.strip())
     bad = [x for x in suites or () if x not in SUITES]
-    if bad or suites == () or episodes < 1:
-        raise pytest.UsageError(f"--quantvla-suites={values['suites']!r} / --quantvla-episodes={episodes} is not "
-                                f"valid; suites are {', '.join(SUITES)} and episodes at least 1")
+    if bad or suites == ():
+        raise pytest.UsageError(f"--quantvla-suites={values['suites']!r} is not valid; pass a comma-separated "
+                                f"list of: {', '.join(SUITES)}")
+    _check_outputs(values, bool(_value(config, "update_golden")))
     path = lambda v: Path(v) if v else None  # noqa: E731
     return RunConfig(values["model"], values["config"], values["bits"], device, seed,
                      values["quantizer"] or "quantvla", checkpoint, path(values["golden_dir"]),
                      bool(_value(config, "update_golden")), path(values["report"]), episodes, suites, margin,
                      path(values["record"]))
+
+
+def _episodes(raw: str) -> int:
+    try:
+        episodes = int(raw)
+    except ValueError:
+        episodes = 0
+    if episodes < 1:
+        raise pytest.UsageError(f"--quantvla-episodes={raw!r} is not a positive integer; pass the number of "
+                                "paired episodes per suite, e.g. --quantvla-episodes=20")
+    return episodes
+
+
+def _margin(raw: str) -> float:
+    try:
+        margin = float(raw)
+    except ValueError:
+        margin = math.nan
+    if not 0.0 <= margin < 1.0:  # NaN fails both comparisons
+        raise pytest.UsageError(f"--quantvla-margin={raw!r} is not a number between 0 and 1; it is the "
+                                "non-inferiority margin in success rate, e.g. --quantvla-margin=0.10")
+    return margin
+
+
+def _check_outputs(values: dict, update_golden: bool) -> None:
+    """Every path the run will write, checked before anything is built, so no result is lost at the end."""
+    if values["report"]:
+        report = Path(values["report"])
+        if report.is_dir():
+            raise pytest.UsageError(f"--quantvla-report={report} is a directory; pass a file path such as "
+                                    f"{report / 'quantvla.json'}")
+        if not report.parent.is_dir():
+            raise pytest.UsageError(f"--quantvla-report={report}: its folder {report.parent} does not exist; "
+                                    "create it first")
+    for name, wanted in (("record", True), ("golden_dir", update_golden)):
+        if wanted and values[name] and Path(values[name]).exists() and not Path(values[name]).is_dir():
+            flag = f"--quantvla-{name.replace('_', '-')}"
+            raise pytest.UsageError(f"{flag}={values[name]} is a file, not a folder; pass a folder (it is "
+                                    "created if missing)")
