@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class RunConfig:
     suites: tuple[str, ...] | None = None  # None: the trained policy's suite (libero_spatial otherwise)
     margin: float = 0.10
     record: Path | None = None
+    allow_inconclusive: bool = False
 
     @property
     def prefix(self) -> str:
@@ -73,6 +75,10 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--quantvla-update-golden", dest="quantvla_update_golden", action="store_true", default=None,
                     help="write the golden statistics measured now (atomically) and print what changed")
     parser.addini("quantvla_update_golden", "see --quantvla-update-golden", type="bool", default=False)
+    group.addoption("--quantvla-allow-inconclusive", dest="quantvla_allow_inconclusive", action="store_true",
+                    default=None, help="LIBERO gate: an inconclusive verdict (underpowered, simulator errors) "
+                                       "warns instead of failing the run")
+    parser.addini("quantvla_allow_inconclusive", "see --quantvla-allow-inconclusive", type="bool", default=False)
 
 
 def _value(config: pytest.Config, name: str):
@@ -107,6 +113,11 @@ def parse(config: pytest.Config) -> RunConfig:
     if checkpoint is not None and not checkpoint.exists():
         raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} does not exist; pass a .safetensors file or a "
                                 "checkpoint folder")
+    if checkpoint is not None and values["config"] == "trained" and not (checkpoint / "policy.json").is_file():
+        raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} is not a trained-policy folder (no policy.json), "
+                                "and --quantvla-config is trained (the default); for a model checkpoint (safetensors "
+                                "file or folder) pass --quantvla-config=tiny or --quantvla-config=full, the size it "
+                                "was saved at")
     episodes, margin = _episodes(values["episodes"]), _margin(values["margin"])
     suites = None
     if values["suites"] is not None:
@@ -120,7 +131,7 @@ def parse(config: pytest.Config) -> RunConfig:
     return RunConfig(values["model"], values["config"], values["bits"], device, seed,
                      values["quantizer"] or "quantvla", checkpoint, path(values["golden_dir"]),
                      bool(_value(config, "update_golden")), path(values["report"]), episodes, suites, margin,
-                     path(values["record"]))
+                     path(values["record"]), bool(_value(config, "allow_inconclusive")))
 
 
 def _episodes(raw: str) -> int:
@@ -155,8 +166,23 @@ def _check_outputs(values: dict, update_golden: bool) -> None:
         if not report.parent.is_dir():
             raise pytest.UsageError(f"--quantvla-report={report}: its folder {report.parent} does not exist; "
                                     "create it first")
+        _check_writable("--quantvla-report", report.parent)
     for name, wanted in (("record", True), ("golden_dir", update_golden)):
-        if wanted and values[name] and Path(values[name]).exists() and not Path(values[name]).is_dir():
-            flag = f"--quantvla-{name.replace('_', '-')}"
-            raise pytest.UsageError(f"{flag}={values[name]} is a file, not a folder; pass a folder (it is "
-                                    "created if missing)")
+        if not (wanted and values[name]):
+            continue
+        folder, flag = Path(values[name]), f"--quantvla-{name.replace('_', '-')}"
+        if folder.exists() and not folder.is_dir():
+            raise pytest.UsageError(f"{flag}={folder} is a file, not a folder; pass a folder (it is created if "
+                                    "missing)")
+        _check_writable(flag, folder)
+
+
+def _check_writable(flag: str, folder: Path) -> None:
+    """The folder, or the nearest existing one mkdir would create it in, takes a new file. A real
+    probe: permission bits say nothing for root, nor on read-only or special file systems."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise pytest.UsageError(f"{flag}={folder}: cannot write in {existing} ({err.strerror}); pass a folder you "
+                                "can write to") from None

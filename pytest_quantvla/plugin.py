@@ -38,6 +38,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if run.model is not None:
         from pytest_quantvla.quantizers import resolve
         resolve(run.quantizer)  # an unknown or unimportable quantizer is a usage error, before collection
+        if selects_libero(config.option.markexpr or "") and not hasattr(config, "workerinput"):
+            from pytest_quantvla.checks.libero import check_suites
+            check_suites(run)  # here, on the controller: a usage error on an xdist worker is swallowed
     if not hasattr(config, "workerinput"):  # the controller, or a serial run
         config.pluginmanager.register(Reporter(config), "quantvla-reporter")
 
@@ -57,9 +60,22 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return
     from pytest_quantvla.checks import all_checks
 
-    with_libero = "libero" in (config.option.markexpr or "")
+    with_libero = selects_libero(config.option.markexpr or "")
     for name, check, markers in sorted(all_checks(run, with_libero), key=lambda c: c[0]):
         items.append(CheckItem.from_parent(session, name=name, nodeid=name, check=check, markers=markers))
+
+
+def selects_libero(markexpr: str) -> bool:
+    """Whether -m selects the LIBERO pair items (marked libero and slow): "libero" yes,
+    "not libero" or "not slow" no. The pairs are built only when asked for by name."""
+    if "libero" not in markexpr:
+        return False
+    from _pytest.mark.expression import Expression
+
+    try:
+        return Expression.compile(markexpr).evaluate(lambda name, **_: name in ("libero", "slow"))
+    except Exception:  # pytest reports a malformed -m itself
+        return True
 
 
 class Reporter:
@@ -111,24 +127,38 @@ class Reporter:
         quantizer = run.quantizer if run.quantizer != "quantvla" else f"quantvla-{run.bits}"
         return gates_from_checks(self.results, run.model, quantizer, run.margin)
 
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
+        """A failing gate fails the run; so does an inconclusive one unless the user accepts it.
+        An interrupted run decides nothing: its report says it is partial."""
+        run = self.config.stash[options.RUN_KEY]
+        self.partial = exitstatus == pytest.ExitCode.INTERRUPTED or bool(session.shouldstop)
         self.verdicts = self.gate_verdicts()
-        if any(v.verdict == "fail" for v in self.verdicts.values()):
+        inconclusive = any(v.verdict == "inconclusive" for v in self.verdicts.values())
+        if self.partial:
+            return
+        if any(v.verdict == "fail" for v in self.verdicts.values()) or (inconclusive and not run.allow_inconclusive):
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         run = self.config.stash[options.RUN_KEY]
         verdicts = getattr(self, "verdicts", {})
         if run.model is not None and self.results:
-            summarize(terminalreporter, run, self.results, verdicts)
+            summarize(terminalreporter, run, self.results, verdicts, getattr(self, "partial", False))
         for suite, v in verdicts.items():
-            terminalreporter.write_line(
-                f"LIBERO gate {suite}: {v.verdict.upper()} over {v.pairs} pairs: FP {v.fp.successes}/{v.pairs} "
-                f"[{v.fp.low:.2f}, {v.fp.high:.2f}], quantized {v.quantized.successes}/{v.pairs} "
-                f"[{v.quantized.low:.2f}, {v.quantized.high:.2f}]; {v.reason}")
+            terminalreporter.write_line(f"LIBERO gate {suite}: {v.line()}", red=v.verdict == "fail",
+                                        yellow=v.verdict == "inconclusive", green=v.verdict == "pass")
+            if v.verdict == "inconclusive":
+                consequence = ("accepted (--quantvla-allow-inconclusive)" if run.allow_inconclusive else
+                               "the run fails; pass --quantvla-allow-inconclusive to accept it")
+                terminalreporter.write_line(f"WARNING: the LIBERO gate {suite} decided nothing: {consequence}",
+                                            yellow=True)
+        if getattr(self, "partial", False) and self.results:
+            where = f"; partial report in {run.report}" if run.report is not None else ""
+            terminalreporter.write_line(f"quantvla: the run was interrupted: {len(self.results)} checks finished, "
+                                        f"nothing decided{where}", yellow=True)
 
 
-def summarize(terminalreporter, run, results: dict, verdicts: dict) -> None:
+def summarize(terminalreporter, run, results: dict, verdicts: dict, partial: bool = False) -> None:
     tr = terminalreporter
     tr.section(f"quantvla: {run.model} ({run.config}) {run.bits}, quantizer {run.quantizer}, seed {run.seed}")
     for r in results.values():
@@ -136,7 +166,7 @@ def summarize(terminalreporter, run, results: dict, verdicts: dict) -> None:
             tr.write_line(r["golden_update"])
     tr.write_line(report.table(results))
     if run.report is not None:
-        report.write_json(run.report, run, results, verdicts)
+        report.write_json(run.report, run, results, verdicts, partial)
         tr.write_line(f"report written to {run.report}")
         png = run.report.with_suffix(".png")
         if report.write_plot(png, results):

@@ -48,9 +48,11 @@ def table(results: dict) -> str:
     return tabulate(rows, headers=["check", "measured", "reference", "source", "verdict"])
 
 
-def write_json(path: Path, run, results: dict, verdicts: dict) -> None:
+def write_json(path: Path, run, results: dict, verdicts: dict, partial: bool = False) -> None:
+    """`partial`: the run was interrupted, so the checks and gates cover only what finished."""
     write_json_atomic(path, {"run": {k: str(v) if v is not None else None for k, v in run.__dict__.items()},
-                             "checks": results, "gates": {s: v.to_dict() for s, v in verdicts.items()}})
+                             "partial": partial, "checks": results,
+                             "gates": {s: v.to_dict() for s, v in verdicts.items()}})
 
 
 def write_plot(path: Path, results: dict) -> bool:

@@ -74,4 +74,8 @@ def subject(run: RunConfig) -> Subject:
         quantized = quantize(fp, calibration, run.bits, report)
     else:
         quantized = quantize(fp, calibration, run.bits)
+    if not isinstance(quantized, nn.Module):
+        raise QuantVLAError(f"the quantizer {run.quantizer!r} returned {type(quantized).__name__} "
+                            f"({str(quantized)[:40]!r}), not a model; a quantizer is called as "
+                            "quantize(fp_model, calibration, bits) and returns the quantized torch.nn.Module")
     return Subject(run, fp, calibration, held_out, quantized.eval(), report, bundle)

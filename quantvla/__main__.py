@@ -88,17 +88,53 @@ def _libero(args) -> int:
 
     suites = [cli.SUITE_NAMES.get(x.strip(), x.strip()) for x in args.suites.split(",") if x.strip()]
     quantizers = [x.strip() for x in args.quantizer.split(",") if x.strip()]
-    cli.run(args.model, args.size, args.checkpoint, quantizers, suites, args.episodes, args.seed,
-            args.margin, Path(args.json), max_steps=args.max_steps)
+    out = Path(args.json)
+    if out.is_dir() or not out.parent.is_dir():
+        raise QuantVLAError(f"--json {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}; "
+                            "pass a file path in an existing folder")
+    try:
+        report = cli.run(args.model, args.size, args.checkpoint, quantizers, suites, args.episodes, args.seed,
+                         args.margin, out, max_steps=args.max_steps)
+    except KeyboardInterrupt:
+        print(f"interrupted: partial report in {out} (it says \"partial\": true); nothing was decided",
+              file=sys.stderr)
+        return 130
     print(f"wrote {args.json}")
+    verdicts = [v["verdict"] for gates in report["gates"].values() for v in gates.values()]
+    if "fail" in verdicts:
+        return 1
+    if "inconclusive" in verdicts and not args.allow_inconclusive:
+        print("error: a LIBERO gate is inconclusive (see the table); run more episodes, or pass "
+              "--allow-inconclusive to accept it", file=sys.stderr)
+        return 1
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _margin(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1) (a margin in success rate, e.g. 0.10)")
+    return value
 
 
 def _merge(args) -> int:
     from quantvla.eval import merge
 
     try:
-        return merge.main(args.out, args.reports)
+        return merge.main(args.out, args.reports, allow_inconclusive=args.allow_inconclusive)
     except (ValueError, OSError, KeyError) as err:
         print(f"error: cannot merge: {err}", file=sys.stderr)
         return 2
@@ -217,15 +253,21 @@ def main(argv: list[str] | None = None) -> int:
     lib.add_argument("--quantizer", default="quantvla-w4a8",
                      help="a preset, or several comma-separated (each paired with the same FP episodes)")
     lib.add_argument("--suites", default="spatial", help="comma-separated: spatial, object, goal, 10")
-    lib.add_argument("--episodes", type=int, default=20, help="pairs per suite")
+    lib.add_argument("--episodes", type=_positive_int, default=20, help="pairs per suite")
     lib.add_argument("--seed", type=int, default=0)
-    lib.add_argument("--margin", type=float, default=0.10)
+    lib.add_argument("--margin", type=_margin, default=0.10, help="non-inferiority margin in success rate, in [0, 1)")
     lib.add_argument("--max-steps", type=int, help="cap episode length (smoke runs)")
     lib.add_argument("--json", default="libero-report.json")
+    lib.add_argument("--allow-inconclusive", action="store_true",
+                     help="exit 0 when a gate is inconclusive (underpowered, simulator errors); a failing one still "
+                          "exits 1")
     lib.set_defaults(func=_libero)
     mr = sub.add_parser("merge-reports", help="merge sharded JSON reports and decide each suite's gate once")
     mr.add_argument("out")
     mr.add_argument("reports", nargs="+")
+    mr.add_argument("--allow-inconclusive", action="store_true",
+                    help="exit 0 when a gate is inconclusive (underpowered, simulator errors); a failing one still "
+                          "exits 1")
     mr.set_defaults(func=_merge)
     ex = sub.add_parser("expert", help="the scripted expert's success on the official init states")
     ex.add_argument("--suite", default="libero_object")

@@ -121,6 +121,7 @@ def quantize(model: nn.Module, calibration: CalibrationBuffer, config: QuantConf
         config = preset(config)
     if len(calibration) == 0 and config.linear is not None:
         raise QuantInputError("the calibration buffer is empty; record at least one observation")
+    _check_finite(calibration)
     teacher = model.eval()
     student = copy.deepcopy(teacher)
     names = quantized_layer_names(student, config)
@@ -165,6 +166,18 @@ def quantize(model: nn.Module, calibration: CalibrationBuffer, config: QuantConf
     student.quantvla_scales = {"alpha": {s.name: a.tolist() for s, a in zip(sites, alphas, strict=True)},
                                "beta": {s.name: b for s, b in zip(sites, betas, strict=True)}}
     return student
+
+
+def _check_finite(calibration: CalibrationBuffer) -> None:
+    """NaN or Inf in an observation poisons every range and scale fitted from it (smoothing would
+    even hide it); name the entry so the recording can be fixed."""
+    for i, (inputs, noise) in enumerate(zip(calibration.inputs, calibration.noise, strict=True)):
+        fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)} | {"noise": noise}
+        for name, t in fields.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise QuantInputError(f"calibration entry {i}: its {name} holds {bad} non-finite values (NaN or "
+                                      "Inf); drop or re-record that observation before quantizing")
 
 
 def _steps(model, config: QuantConfig) -> int:

@@ -1,5 +1,5 @@
-"""Bad options are usage errors (exit 4) before any model is built: one line naming the bad value
-and what to do, no traceback, and nothing already on disk touched."""
+"""Bad input gets one clear message naming the bad value and what to do, no traceback, and nothing
+already on disk lost: options are usage errors (exit 4) before any model is built; the CLI exits 2."""
 
 import pytest
 import torch
@@ -61,3 +61,163 @@ def test_golden_dir_is_a_file_with_update(pytester):
     err = _usage_error(pytester, f"--quantvla-golden-dir={file}", "--quantvla-update-golden")
     assert f"--quantvla-golden-dir={file}" in err and "is a file" in err
     assert file.read_text() == "not a folder"
+
+
+def test_golden_dir_that_cannot_be_written_with_update(pytester):
+    """/proc/self takes no new files, for root too (whose permission bits always say yes)."""
+    err = _usage_error(pytester, "--quantvla-golden-dir=/proc/self/goldens", "--quantvla-update-golden")
+    assert "--quantvla-golden-dir=/proc/self/goldens: cannot write in /proc/self" in err
+
+
+def test_report_folder_that_cannot_be_written(pytester):
+    err = _usage_error(pytester, "--quantvla-report=/proc/self/report.json")
+    assert "--quantvla-report: " not in err and "cannot write in /proc/self" in err
+
+
+def test_a_model_checkpoint_with_the_trained_config(pytester):
+    """A safetensors checkpoint (openpi or LeRobot layout) is a model, not a trained-policy folder."""
+    folder = pytester.mkdir("openpi_checkpoint")
+    (folder / "model.safetensors").write_bytes(b"")
+    err = _usage_error(pytester, f"--quantvla-checkpoint={folder}")
+    assert "is not a trained-policy folder" in err and "--quantvla-config=tiny or --quantvla-config=full" in err
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_libero_suite_the_trained_policy_does_not_know(pytester, workers):
+    """Was: exit 5 'no tests ran' under xdist (the workers' usage error was swallowed)."""
+    err = _usage_error(pytester, "-m", "libero", "--quantvla-episodes=20", "--quantvla-suites=libero_spatial",
+                       *workers)
+    assert "knows only libero_object" in err and "--quantvla-suites=libero_object" in err
+
+
+def test_not_libero_collects_no_pairs():
+    from pytest_quantvla.plugin import selects_libero
+    assert selects_libero("libero") and selects_libero("libero and not gpu") and selects_libero("slow or libero")
+    assert not selects_libero("") and not selects_libero("not libero") and not selects_libero("not slow")
+    assert not selects_libero("gpu")
+
+
+QUANTIZERS = '''
+import copy
+import math
+
+
+def returns_none(fp, calibration, bits):
+    return None
+
+
+def returns_42(fp, calibration, bits):
+    return 42
+
+
+def nan_actions(fp, calibration, bits):
+    """A broken quantizer: every weight NaN, so every action chunk is NaN."""
+    model = copy.deepcopy(fp)
+    for p in model.parameters():
+        p.data.fill_(math.nan)
+    return model
+'''
+
+
+@pytest.mark.parametrize("name,shown", [("returns_none", "returned NoneType ('None')"),
+                                        ("returns_42", "returned int ('42')")])
+def test_a_quantizer_that_returns_no_model(pytester, name, shown):
+    pytester.makepyfile(bad_quantizers=QUANTIZERS)
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", f"--quantvla-quantizer=bad_quantizers:{name}")
+    out = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, out[-3000:]
+    assert f"the quantizer 'bad_quantizers:{name}' {shown}, not a model" in out
+    assert "AttributeError" not in out and "Traceback" not in out
+
+
+def test_atomic_writes_keep_the_mode_of_what_they_replace(tmp_path):
+    import os
+
+    from quantvla.io import write_text_atomic
+    new = write_text_atomic(tmp_path / "new.json", "{}")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask  # what open() gives, not mkstemp's 0600
+    shared = tmp_path / "shared.json"
+    shared.write_text("old")
+    shared.chmod(0o664)
+    write_text_atomic(shared, "new")
+    assert shared.stat().st_mode & 0o777 == 0o664 and shared.read_text() == "new"
+
+
+@pytest.mark.parametrize("preset", ["quantvla-w4a8", "rtn-w4a8", "smoothquant-w8a8"])
+@pytest.mark.parametrize("where", ["images", "noise"])
+def test_a_calibration_buffer_with_nan_names_the_entry(preset, where):
+    from quantvla import CalibrationBuffer, quantize
+    from quantvla.errors import QuantInputError
+    from quantvla.models import build
+
+    fp = build("pi05", "tiny")
+    calibration = CalibrationBuffer.synthetic(fp, 3, seed=0)
+    bad = calibration.noise[2] if where == "noise" else calibration.inputs[2].images
+    bad.view(-1)[5] = float("nan")
+    with pytest.raises(QuantInputError, match=f"calibration entry 2: its {where} holds 1 non-finite values"):
+        quantize(fp, calibration, preset)
+
+
+@pytest.mark.parametrize("flag,value,shown", [("--margin", "2", "'2' is not a number in [0, 1)"),
+                                              ("--margin", "nan", "'nan' is not a number in [0, 1)"),
+                                              ("--episodes", "-1", "'-1' is not a positive integer"),
+                                              ("--episodes", "abc", "'abc' is not a positive integer")])
+def test_cli_libero_margin_and_episodes(tmp_path, flag, value, shown):
+    import subprocess
+    import sys
+    out = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, "-m", "quantvla", "libero", "--model", "pi05", flag, value, "--json",
+                          str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and shown in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
+
+
+def test_cli_libero_json_path_is_a_directory(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "keep.txt").write_text("keep")
+    run = subprocess.run([sys.executable, "-m", "quantvla", "libero", "--model", "pi05", "--json", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "is a directory" in run.stderr and "Traceback" not in run.stderr
+    assert (tmp_path / "keep.txt").read_text() == "keep"
+
+
+@pytest.mark.libero
+@pytest.mark.parametrize("model", ["pi05", "gr00t-n15"])
+def test_a_quantizer_with_nan_actions_fails_the_libero_gate(pytester, model):
+    """Was exit 0 ("INCONCLUSIVE ... 10 episodes errored"): a broken quantizer gave a green CI. The
+    pair items themselves pass (the episodes ran); the gate fails the run."""
+    pytest.importorskip("libero.libero", reason="needs the libero extra")
+    pytester.makepyfile(bad_quantizers=QUANTIZERS)
+    result = pytester.runpytest_subprocess(f"--quantvla-model={model}", "-m", "libero", "-n", "2",
+                                           "--quantvla-quantizer=bad_quantizers:nan_actions", "--quantvla-episodes=4")
+    out = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, out[-3000:]
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["LIBERO gate libero_object: FAIL over 4 pairs*quantized policy errored in 4 pairs "
+                                 "where FP did not*"])
+
+
+@pytest.mark.libero
+def test_ctrl_c_during_cli_libero_leaves_a_partial_report(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    pytest.importorskip("libero.libero", reason="needs the libero extra")
+    out = tmp_path / "report.json"
+    proc = subprocess.Popen([sys.executable, "-m", "quantvla", "libero", "--model", "pi05", "--episodes", "20",
+                             "--max-steps", "5", "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # wait for the first finished pair
+        if "task" in line and "init" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and f"interrupted: partial report in {out}" in stderr
+    report = json.loads(out.read_text())  # valid JSON, and it says what it is
+    assert report["partial"] is True and len(report["episodes"]) >= 1

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("libero.libero", reason="needs the libero extra: pip install 'pytest-quantvla[libero]'")
 
-from quantvla.eval.libero import TaskEnv  # noqa: E402
+from quantvla.eval.libero import TaskEnv, gate_outcome  # noqa: E402
 from quantvla.eval.protocols import load_protocol  # noqa: E402
 
 pytestmark = pytest.mark.libero
@@ -73,7 +73,7 @@ def test_an_errored_episode_is_reported_and_never_a_success(protocol):
         r = env.run_episode(0, Exploding(), seed=7, max_steps=5)
     finally:
         env.close()
-    assert not r.success and r.failure.startswith("error: RuntimeError: policy crashed")
+    assert not r.success and r.failure.startswith("policy error: RuntimeError: policy crashed")
 
 
 def test_unknown_suite_is_a_clear_error(protocol):
@@ -93,7 +93,23 @@ def test_a_nan_action_makes_the_episode_errored_with_its_cause(protocol):
         r = env.run_episode(0, NaNPolicy(), seed=7, max_steps=5)
     finally:
         env.close()
-    assert not r.success and "non-finite action" in r.failure
+    assert not r.success and r.failure.startswith("policy error: the policy returned a non-finite action")
+    assert gate_outcome(r.success, r.failure) == (False, True)  # a failure of this arm, never unknown
+
+
+def test_a_simulator_error_is_unknown_not_a_failure_of_the_policy(protocol, monkeypatch):
+    env = TaskEnv("libero_spatial", 0, protocol)
+    try:
+        def unstable(action):  # what MuJoCo raises when a simulation diverges
+            raise RuntimeError("mjWARN_BADQACC: simulation is unstable")
+        monkeypatch.setattr(env.env, "step", unstable)
+        r = env.run_episode(0, ImagePolicy(), seed=7, max_steps=5)
+    finally:
+        monkeypatch.undo()
+        env.close()
+    assert r.failure.startswith("simulator error: RuntimeError: mjWARN_BADQACC")
+    assert gate_outcome(r.success, r.failure) == (None, False)
+    assert gate_outcome(True, None) == (True, False) and gate_outcome(False, "timeout") == (False, False)
 
 
 def test_cli_writes_the_table_and_a_json_report(tmp_path):
@@ -101,10 +117,13 @@ def test_cli_writes_the_table_and_a_json_report(tmp_path):
 
     from quantvla.__main__ import main
     out = tmp_path / "report.json"
-    assert main(["libero", "--model", "pi05", "--suites", "spatial", "--episodes", "1", "--max-steps", "5",
-                 "--json", str(out)]) == 0
+    args = ["libero", "--model", "pi05", "--suites", "spatial", "--episodes", "1", "--max-steps", "5",
+            "--json", str(out)]
+    assert main(args) == 1  # one pair decides nothing, and an inconclusive gate is not a green run
+    assert main([*args, "--allow-inconclusive"]) == 0
     report = json.loads(out.read_text())
-    assert report["gates"]["quantvla-w4a8"]["libero_spatial"]["verdict"] == "inconclusive"  # one pair decides nothing
+    assert report["gates"]["quantvla-w4a8"]["libero_spatial"]["verdict"] == "inconclusive"
+    assert report["partial"] is False
     assert report["episodes"][0]["fp"]["steps"] == 5
 
 

@@ -19,13 +19,21 @@ def _report(path, suite, ks, lose_every=0):
 
 
 def test_shards_merge_into_one_verdict_per_suite(tmp_path):
-    a = _report(tmp_path / "a.json", "libero_spatial", range(0, 10))
-    b = _report(tmp_path / "b.json", "libero_spatial", range(10, 20))
+    a = _report(tmp_path / "a.json", "libero_spatial", range(0, 25))
+    b = _report(tmp_path / "b.json", "libero_spatial", range(25, 50))
     c = _report(tmp_path / "c.json", "libero_object", range(0, 20), lose_every=2)
     merged = merge([a, b, c])
-    assert merged["gates"]["libero_spatial"]["pairs"] == 20 and merged["gates"]["libero_spatial"]["verdict"] == "pass"
+    assert merged["gates"]["libero_spatial"]["pairs"] == 50 and merged["gates"]["libero_spatial"]["verdict"] == "pass"
     assert merged["gates"]["libero_object"]["verdict"] == "fail"
     assert main(["merge-reports", str(tmp_path / "out.json"), str(a), str(b), str(c)]) == 1  # a failing gate
+    assert main(["merge-reports", str(tmp_path / "ab.json"), str(a), str(b)]) == 0
+
+
+def test_an_underpowered_merge_fails_unless_accepted(tmp_path):
+    a = _report(tmp_path / "a.json", "libero_spatial", range(0, 20))  # 20 agreeing pairs: underpowered
+    assert merge([a])["gates"]["libero_spatial"]["verdict"] == "inconclusive"
+    assert main(["merge-reports", str(tmp_path / "out.json"), str(a)]) == 1
+    assert main(["merge-reports", "--allow-inconclusive", str(tmp_path / "out.json"), str(a)]) == 0
 
 
 def test_overlapping_or_foreign_shards_are_refused(tmp_path):

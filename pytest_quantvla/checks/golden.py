@@ -50,14 +50,18 @@ def golden_statistics(run) -> dict:
     folder = run.golden_dir or data_dir("golden")
     path = folder / golden.golden_name(run)
     got = measure(run)
-    expected = golden.load(path)
     summary = {"action_mse": got["action_mse"], "golden": str(path), "per_block": per_block(run, got)}
     if run.update_golden:
-        changes = ["new golden"] if expected is None else golden.compare(expected, got) or ["no change"]
-        golden.write(path, got)
+        changes = _changes(path, got)
+        try:
+            golden.write(path, got)
+        except OSError as err:
+            raise CheckFailed(f"cannot write the golden {path} ({type(err).__name__}: {err.strerror or err}); pass "
+                              "--quantvla-golden-dir=<a writable folder>") from None
         summary["golden_update"] = f"wrote {path}: " + "; ".join(changes[:10]) + (
             f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
         return summary
+    expected = golden.load(path)
     if expected is None:
         opts = f"--quantvla-model={run.model} --quantvla-config={run.config} --quantvla-bits={run.bits}"
         if run.quantizer != "quantvla":
@@ -69,6 +73,16 @@ def golden_statistics(run) -> dict:
         more = f"\n  ... and {len(diff) - 15} more" if len(diff) > 15 else ""
         raise CheckFailed(f"statistics differ from {path} beyond tolerance:\n  " + "\n  ".join(diff[:15]) + more)
     return summary
+
+
+def _changes(path, got: dict) -> list[str]:
+    """What an update changes; an unreadable or foreign old golden is simply replaced (update mode
+    is the advised way out of it)."""
+    try:
+        expected = golden.load(path)
+        return ["new golden"] if expected is None else golden.compare(expected, got) or ["no change"]
+    except golden.GoldenError as err:
+        return [f"replaced an unreadable golden ({err})".replace("; regenerate it with --quantvla-update-golden", "")]
 
 
 def checks(run):

@@ -32,6 +32,7 @@ def close_envs() -> None:
 
 
 def pair(run, suite: str, task: int, init_index: int) -> dict:
+    from quantvla.eval.libero import gate_outcome
     from quantvla.eval.policy import ModelPolicy
 
     s = subject(run)
@@ -46,9 +47,27 @@ def pair(run, suite: str, task: int, init_index: int) -> dict:
             env.record(init_index, ModelPolicy.for_task(model, env, seed=run.seed, bundle=s.bundle), protocol.seed,
                        run.record / name)
             out[f"{label}_recording"] = str(run.record / name)
-        out[f"{label}_success"] = None if r.failure and r.failure.startswith("error") else r.success
+        out[f"{label}_success"], out[f"{label}_policy_error"] = gate_outcome(r.success, r.failure)
         out[f"{label}_failure"], out[f"{label}_steps"], out[f"{label}_wall_s"] = r.failure, r.steps, round(r.wall_s, 2)
     return out
+
+
+def check_suites(run) -> None:
+    """A trained policy runs only its own suite: a usage error before anything is built (reads the
+    policy's metadata only)."""
+    import json
+
+    from pytest_quantvla.subject import policy_path
+    if run.config != "trained" or run.suites is None:
+        return
+    meta_file = policy_path(run) / "policy.json"
+    if not meta_file.is_file():
+        return  # not a policy folder: building the subject says so
+    trained = json.loads(meta_file.read_text()).get("suite")
+    if run.suites != (trained,):
+        raise pytest.UsageError(f"the trained {run.model} policy ({policy_path(run)}) knows only {trained}; pass "
+                                f"--quantvla-suites={trained} (or leave it out), or --quantvla-config=tiny to run "
+                                f"{','.join(run.suites)} with random weights")
 
 
 def suites_and_tasks(run) -> dict[str, list[int]]:

@@ -2,7 +2,7 @@
 
 Runs, per suite, `episodes` pairs (FP and quantized on the same task, init state and seed), prints
 the success table with Wilson intervals and the gate verdict, and rewrites the JSON after every
-episode (atomically), so an interrupted run leaves a valid partial report."""
+episode (atomically), so an interrupted run leaves a valid report that says "partial": true."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from quantvla.errors import QuantVLAError
+from quantvla.eval.libero import gate_outcome
 from quantvla.eval.stats import paired_gate
 from quantvla.io import write_json_atomic
 from quantvla.reference import paper_delta
@@ -48,7 +49,7 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
     protocol = protocol_for(model_name)
     report = {"model": model_name, "config": bundle.meta["config_name"] if bundle else size, "checkpoint": checkpoint,
               "quantizers": quantizers, "seed": seed, "protocol": protocol.name, "margin": margin,
-              "episodes": [], "gates": {name: {} for name in quantizers}}
+              "partial": True, "episodes": [], "gates": {name: {} for name in quantizers}}
     for suite in suites:
         tasks = task_list(bundle, suite)
         envs: dict[int, TaskEnv] = {}
@@ -74,14 +75,15 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
                 env.close()
         rows = [e for e in report["episodes"] if e["suite"] == suite]
 
-        def outcome(r):
-            return None if (r["failure"] or "").startswith("error") else r["success"]
-
+        fp = [gate_outcome(e["fp"]["success"], e["fp"]["failure"]) for e in rows]
         for name in quantizers:
-            verdict = paired_gate([outcome(e["fp"]) for e in rows], [outcome(e["quantized"][name]) for e in rows],
-                                  paper_delta(model_name, name, suite), margin)
+            q = [gate_outcome(e["quantized"][name]["success"], e["quantized"][name]["failure"]) for e in rows]
+            verdict = paired_gate([o for o, _ in fp], [o for o, _ in q], paper_delta(model_name, name, suite), margin,
+                                  fp_errors=[e for _, e in fp], q_errors=[e for _, e in q])
             report["gates"][name][suite] = verdict.to_dict()
         write_json_atomic(out, report)
+    report["partial"] = False  # every suite ran to the end
+    write_json_atomic(out, report)
     _print_table(report, log)
     return report
 
@@ -103,6 +105,6 @@ def _print_table(report: dict, log) -> None:
             f, q = v["fp"], v["quantized"]  # the verdict already carries both Wilson intervals
             rows.append([name, suite, v["pairs"], f"{f['successes']}/{v['pairs']} [{f['low']:.2f}, {f['high']:.2f}]",
                          f"{q['successes']}/{v['pairs']} [{q['low']:.2f}, {q['high']:.2f}]", f"{v['delta0']:+.3f}",
-                         v["verdict"], v["reason"]])
+                         f"{v['detectable']:.3f}", v["verdict"], v["reason"]])
     log(tabulate(rows, headers=["quantizer", "suite", "pairs", "FP (Wilson 95%)", "quantized (Wilson 95%)", "delta0",
-                                "verdict", "why"]))
+                                "detectable", "verdict", "why"]))

@@ -38,10 +38,24 @@ class EpisodeResult:
     steps: int
     wall_s: float
     queries: int
-    failure: str | None  # None, "timeout", or "error: ..."
+    failure: str | None  # None, "timeout", "policy error: ..." or "simulator error: ..."
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def gate_outcome(success: bool, failure: str | None) -> tuple[bool | None, bool]:
+    """An episode as the gate counts it: (outcome, the policy errored). A policy error (the policy
+    or quantizer raised, or returned a non-finite action) is a failure of that arm; a simulator
+    error leaves the outcome unknown (None)."""
+    failure = failure or ""
+    if failure.startswith("simulator error"):
+        return None, False
+    return bool(success) and not failure, failure.startswith("policy error")
+
+
+class PolicyError(Exception):
+    """The policy under test failed inside an episode (raised, or gave a non-finite action)."""
 
 
 def episode_seed(suite: str, task_id: int, init_index: int, seed: int) -> int:
@@ -60,6 +74,16 @@ def _import_libero():
                             "pip install 'pytest-quantvla[libero]' (and, on a bare Debian machine, "
                             "ci/bootstrap-debian.sh for the EGL packages)") from None
     return benchmark, get_libero_path, OffScreenRenderEnv
+
+
+def _ask(method, *args):
+    """Call the policy; whatever it raises is the policy's error, not the simulator's."""
+    try:
+        return method(*args)
+    except QuantVLAError:
+        raise
+    except Exception as err:
+        raise PolicyError(f"{type(err).__name__}: {err}") from err
 
 
 class TaskEnv:
@@ -134,19 +158,19 @@ class TaskEnv:
         success = False
         try:
             obs = self.reset(init_index, seed)
-            policy.reset()
+            _ask(policy.reset)
             for i in range(p.wait_steps):  # let objects settle; the last one's images feed the first query
                 self._render_next_step(policy.needs_images and i == p.wait_steps - 1)
                 obs, _, _, _ = self.env.step(NOOP)
             queue: list[np.ndarray] = []
             while steps < limit:
                 if not queue:
-                    actions = np.asarray(policy.infer(obs, self.instruction))
+                    actions = np.asarray(_ask(policy.infer, obs, self.instruction))
                     queries += 1
                     queue = list(actions[: p.replan_steps])
                 action = queue.pop(0)
                 if not np.all(np.isfinite(action)):
-                    raise ValueError(f"the policy returned a non-finite action at step {steps}: {action}")
+                    raise PolicyError(f"the policy returned a non-finite action at step {steps}: {action}")
                 if trace is not None:
                     trace.append((steps, np.array(action)))
                 self._render_next_step(frames is not None or (policy.needs_images and not queue))  # a query reads it
@@ -161,9 +185,10 @@ class TaskEnv:
                 failure = "timeout"
         except QuantVLAError:
             raise
-        except Exception as err:  # an errored episode is reported and never counts as a success
-            failure = f"error: {type(err).__name__}: {err}"
-            success = False
+        except PolicyError as err:  # the arm under test failed: a failure of that arm
+            failure, success = f"policy error: {err}", False
+        except Exception as err:  # the simulator failed: the outcome is unknown, never a success
+            failure, success = f"simulator error: {type(err).__name__}: {err}", False
         return EpisodeResult(self.suite_name, self.task_id, init_index, seed, success, steps,
                              time.perf_counter() - t0, queries, failure)
 

@@ -31,22 +31,29 @@ def merge(reports: list[Path], margin: float | None = None) -> dict:
 
 
 def gates_from_checks(checks: dict, model: str, quantizer: str, margin: float) -> dict:
-    """One verdict per suite from the pair items' results (a pair whose item did not pass counts
-    as errored on both sides: never a success, and the gate is at best inconclusive)."""
+    """One verdict per suite from the pair items' results. A pair whose item did not pass (a
+    crashed worker, an exception outside the episodes) is unknown on both sides: never a success,
+    and the gate is at best inconclusive; the failed item fails the run by itself."""
     pairs: dict[str, list] = {}
     for nodeid, r in sorted(checks.items()):
         if "/libero[" in nodeid:
             suite = nodeid.split("/libero[")[1].split("/")[0]
-            ok = r.get("outcome") == "passed"
-            pair = (r.get("fp_success"), r.get("q_success")) if ok else (None, None)
+            if r.get("outcome") == "passed":
+                pair = (r.get("fp_success"), r.get("q_success"), bool(r.get("fp_policy_error")),
+                        bool(r.get("q_policy_error")))
+            else:
+                pair = (None, None, False, False)
             pairs.setdefault(suite, []).append(pair)
-    return {suite: paired_gate([f for f, _ in o], [q for _, q in o], paper_delta(model, quantizer, suite), margin)
+    return {suite: paired_gate([p[0] for p in o], [p[1] for p in o], paper_delta(model, quantizer, suite), margin,
+                               fp_errors=[p[2] for p in o], q_errors=[p[3] for p in o])
             for suite, o in pairs.items()}
 
 
-def main(out: str, inputs: list[str]) -> int:
+def main(out: str, inputs: list[str], allow_inconclusive: bool = False) -> int:
+    """Exit status: 1 when a gate fails, or is inconclusive and that is not accepted."""
     merged = merge([Path(p) for p in inputs])
     write_json_atomic(out, merged)
     for suite, g in merged["gates"].items():
         print(f"{suite}: {g['verdict']} over {g['pairs']} pairs ({g['reason']})")
-    return 1 if any(g["verdict"] == "fail" for g in merged["gates"].values()) else 0
+    verdicts = [g["verdict"] for g in merged["gates"].values()]
+    return 1 if "fail" in verdicts or ("inconclusive" in verdicts and not allow_inconclusive) else 0

@@ -1,22 +1,44 @@
-"""Success statistics and gates, decided on paired episodes (same init state, same seed).
+"""Success statistics and gates, decided on paired episodes (same task, init state and seed).
 
-* per suite: success rate with a Wilson interval (scipy.stats.binomtest(...).proportion_ci);
-* the gate: a one-sided non-inferiority test on the paired differences D_i = Q_i - FP_i in
-  {-1, 0, 1} (scipy.stats.ttest_1samp, alternative="greater") of H0: mean(D) <= delta0 against
-  H1: mean(D) > delta0, where delta0 = (the paper's quantized - FP16 success difference) - margin.
-  Verdicts: "pass" (non-inferiority shown at the confidence), "fail" (the upper confidence bound
-  of mean(D) is below delta0: inferiority shown), "inconclusive" (neither, too few pairs, or any
-  errored episode). An errored episode is never a success.
+A run of n pairs is the paired 2x2 table; only the discordant pairs carry the difference:
+`losses` (FP succeeded, quantized failed) and `gains` (the reverse). The quantity gated is
+Delta = p_quantized - p_FP, estimated by (gains - losses) / n.
+
+* per arm: success rate with a Wilson interval (scipy.stats.binomtest(...).proportion_ci);
+* the gate: non-inferiority, H0: Delta <= delta0 against H1: Delta > delta0, where delta0 = (the
+  paper's quantized - FP16 success difference) - margin. The statistic is Tango's score statistic
+  for the difference of paired proportions (T. Tango, "Equivalence test and confidence interval for
+  the difference in proportions for the paired-sample design", Statistics in Medicine 17:891-908,
+  1998; erratum 18:2425, 1999), with the nuisance discordance rate at its restricted maximum
+  likelihood estimate. Its normal approximation is liberal for small n (measured here: a 5.5-7%
+  false-pass rate at n = 10-50 for a nominal 5%), so up to EXACT_MAX_PAIRS pairs the p-value is the
+  exact unconditional one: the largest tail probability of the score statistic over the nuisance
+  parameter on the boundary Delta = delta0 (the construction compared by Liu, Hsueh, Hsieh and Chen,
+  Statistics in Medicine 21:231-245, 2002). Beyond that the normal approximation is used.
+* verdicts: "pass" (H0 rejected), "fail" (the mirror test rejects Delta >= delta0: inferiority
+  shown, or the quantized policy errored where FP did not), "inconclusive" (neither: underpowered,
+  or a simulator error in some pair). Every verdict carries `detectable`, the smallest regression
+  this run size could certify: the margin at which a quantized policy truly equal to FP (with the
+  run's observed discordance) would pass with 80% probability.
+
+Outcomes per episode: True / False, or None for a simulator (infrastructure) error. A policy error
+(the policy or quantizer raised, or returned a non-finite action) is a failure of that arm; pass
+the pairs where it happened in fp_errors / q_errors so a quantized arm that errors where FP runs
+fails the gate whatever the counts say.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import special
 from scipy import stats as sps
 
-MIN_PAIRS = 10
+EXACT_MAX_PAIRS = 100
+NUISANCE_GRID = 101  # points over the nuisance range; the tail probability is smooth in it
+POWER = 0.80
 
 
 @dataclass(frozen=True)
@@ -38,51 +60,211 @@ def wilson(successes: int, episodes: int, confidence: float = 0.95) -> Rate:
     return Rate(successes, episodes, float(ci.low), float(ci.high))
 
 
+# ------------------------------------------------------------------ Tango's score statistic
+def tango_z(gains, losses, n: int, delta: float):
+    """Tango's score statistic for H0: Delta = delta (arrays broadcast). The restricted MLE of the
+    loss probability q (gain probability q + delta) is the positive root of
+    2n q^2 + [delta (2n + losses - gains) - (gains + losses)] q - losses delta (1 - delta) = 0."""
+    g, l = np.asarray(gains, dtype=float), np.asarray(losses, dtype=float)
+    b = delta * (2 * n + l - g) - (g + l)
+    c = -l * delta * (1 - delta)
+    q = (-b + np.sqrt(np.maximum(b * b - 8 * n * c, 0.0))) / (4 * n)
+    var = n * (2 * q + delta * (1 - delta))
+    num = g - l - n * delta
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = num / np.sqrt(var)
+        return np.where(var > 0, z, np.where(num == 0, 0.0, np.copysign(np.inf, num)))
+
+
+def _tables(n: int):
+    """Every paired table of n pairs as (gains, losses) with gains + losses <= n, in the order
+    _table_index numbers them."""
+    g, l = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    keep = g + l <= n
+    return g[keep], l[keep]
+
+
+def _table_index(n: int, gains: int, losses: int) -> int:
+    return gains * (n + 1) - gains * (gains - 1) // 2 + losses
+
+
+def _log_pmf(n: int, gains, losses, p_gain: np.ndarray, p_loss: np.ndarray):
+    """log P(gains, losses) under a trinomial, per nuisance row (grid x tables)."""
+    rest = n - gains - losses
+    p_rest = np.clip(1 - p_gain - p_loss, 0, 1)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = (special.xlogy(gains, p_gain[:, None]) + special.xlogy(losses, p_loss[:, None])
+                 + special.xlogy(rest, p_rest))
+    base = special.gammaln(n + 1) - special.gammaln(gains + 1) - special.gammaln(losses + 1) - special.gammaln(rest + 1)
+    return base + terms
+
+
+def _boundary(delta: float, points: int = NUISANCE_GRID):
+    """The nuisance range on Delta = delta: loss probability q with q >= 0, q + delta >= 0 and
+    2q + delta <= 1."""
+    q = np.linspace(max(0.0, -delta), (1 - delta) / 2, points)
+    return q + delta, q
+
+
+@functools.lru_cache(maxsize=512)
+def _exact_p_values(n: int, delta: float, upper: bool) -> np.ndarray:
+    """Per table, the exact unconditional p-value of the score test of Delta <= delta (upper=True:
+    large Z is evidence of non-inferiority) or of Delta >= delta (upper=False)."""
+    g, l = _tables(n)
+    z = tango_z(g, l, n, delta)
+    z = z if upper else -z
+    order = np.argsort(-z, kind="stable")
+    zs = z[order]
+    p_gain, p_loss = _boundary(delta)
+    prob = np.exp(_log_pmf(n, g[order], l[order], p_gain, p_loss))
+    tail = np.cumsum(prob, axis=1)
+    last_of_tie = np.searchsorted(-zs, -zs, side="right") - 1  # ties share the whole tie's mass
+    p = np.minimum(tail[:, last_of_tie].max(axis=0), 1.0)
+    out = np.empty_like(p)
+    out[order] = p
+    out.flags.writeable = False  # cached and shared
+    return out
+
+
+def _p_value(gains: int, losses: int, n: int, delta: float, upper: bool) -> float:
+    if n <= EXACT_MAX_PAIRS:
+        return float(_exact_p_values(n, round(float(delta), 12), upper)[_table_index(n, gains, losses)])
+    z = float(tango_z(gains, losses, n, delta))
+    return float(sps.norm.sf(z if upper else -z))
+
+
+def _clamp(delta: float) -> float:
+    return float(min(max(delta, -1 + 1e-9), 1 - 1e-9))
+
+
+def confidence_limits(gains: int, losses: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """One-sided limits of Delta at `confidence` each, by inverting the same tests: the lower is
+    the largest delta0 the run shows Delta exceeds, the upper the smallest it shows Delta stays
+    under."""
+    alpha = 1 - confidence
+
+    estimate = (gains - losses) / n
+
+    def bisect(rejects, lo, hi):  # rejects(lo) is True, rejects(hi) False; 2^-13: below display precision
+        for _ in range(13):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if rejects(mid) else (lo, mid)
+        return lo
+
+    lower = bisect(lambda d: _p_value(gains, losses, n, _clamp(d), True) < alpha, -1.0, estimate)
+    upper = bisect(lambda d: _p_value(gains, losses, n, _clamp(-d), False) < alpha, -1.0, -estimate)
+    return lower, -upper
+
+
+def pass_probability(n: int, delta0: float, p_gain: float, p_loss: float, confidence: float = 0.95) -> float:
+    """Exact probability that n pairs drawn with these discordance rates pass the gate at delta0."""
+    g, l = _tables(n)
+    prob = np.exp(_log_pmf(n, g, l, np.array([p_gain]), np.array([p_loss])))[0]
+    if n <= EXACT_MAX_PAIRS:
+        p = _exact_p_values(n, round(float(delta0), 12), True)
+    else:
+        p = sps.norm.sf(tango_z(g, l, n, delta0))
+    return float(prob[p < 1 - confidence].sum())
+
+
+@functools.lru_cache(maxsize=1024)
+def detectable_regression(n: int, discordance: float, confidence: float = 0.95) -> float:
+    """The smallest margin m such that n pairs from a quantized policy equal to FP (each discordant
+    direction at discordance / 2) pass the gate at delta0 = -m with probability >= POWER."""
+    if n == 0:
+        return 1.0
+    half = min(max(discordance / 2, 0.0), 0.5)
+    lo, hi = 0.0, 1.0
+    if pass_probability(n, _clamp(-hi), half, half, confidence) < POWER:
+        return 1.0
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if pass_probability(n, _clamp(-mid), half, half, confidence) >= POWER else (mid, hi)
+    return hi
+
+
+def decide(gains: int, losses: int, n: int, delta0: float, confidence: float = 0.95) -> tuple[str, float, float]:
+    """The statistical verdict of a paired table alone: ("pass" | "fail" | "inconclusive", the
+    p-value of non-inferiority, the p-value of inferiority)."""
+    if n == 0:
+        return "inconclusive", 1.0, 1.0
+    delta0 = _clamp(delta0)
+    p_pass, p_fail = _p_value(gains, losses, n, delta0, True), _p_value(gains, losses, n, delta0, False)
+    alpha = 1 - confidence
+    return ("pass" if p_pass < alpha else "fail" if p_fail < alpha else "inconclusive"), p_pass, p_fail
+
+
+# ------------------------------------------------------------------------------- the gate
 @dataclass(frozen=True)
 class Verdict:
     verdict: str  # pass | fail | inconclusive
     pairs: int
     fp: Rate
     quantized: Rate
+    gains: int
+    losses: int
     mean_difference: float
+    lower_bound: float
+    upper_bound: float
     delta0: float
-    p_value: float | None
-    upper_bound: float | None
+    p_value: float
+    detectable: float
+    policy_errors: dict
+    simulator_errors: int
     reason: str
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def line(self) -> str:
+        """The verdict in one line: counts, the estimate with its bounds, what was tested and what
+        this run size could have detected."""
+        return (f"{self.verdict.upper()} over {self.pairs} pairs: FP {self.fp.successes}/{self.pairs}, quantized "
+                f"{self.quantized.successes}/{self.pairs} ({self.losses} lost, {self.gains} gained); Delta "
+                f"{self.mean_difference:+.3f} [{self.lower_bound:+.3f}, {self.upper_bound:+.3f}] against delta0 "
+                f"{self.delta0:+.3f}, p={self.p_value:.3g}; smallest detectable regression {self.detectable:.3f}; "
+                f"{self.reason}")
+
 
 def paired_gate(fp: list[bool | None], quantized: list[bool | None], paper_delta: float, margin: float,
-                confidence: float = 0.95) -> Verdict:
-    """fp[i], quantized[i]: the outcome of pair i (None: the episode errored)."""
-    if len(fp) != len(quantized):
-        raise ValueError(f"unpaired outcomes: {len(fp)} FP episodes against {len(quantized)} quantized")
-    errored = sum(o is None for o in fp) + sum(o is None for o in quantized)
-    f = np.array([bool(o) for o in fp], dtype=float)  # None -> False: an error is never a success
-    q = np.array([bool(o) for o in quantized], dtype=float)
-    n = len(f)
+                confidence: float = 0.95, fp_errors: list[bool] | None = None,
+                q_errors: list[bool] | None = None) -> Verdict:
+    """fp[i], quantized[i]: the outcome of pair i (None: the simulator errored). fp_errors[i],
+    q_errors[i]: the policy errored in that episode (already a failure in fp/quantized)."""
+    n = len(fp)
+    if len(quantized) != n:
+        raise ValueError(f"unpaired outcomes: {n} FP episodes against {len(quantized)} quantized")
+    fp_errors = list(fp_errors) if fp_errors is not None else [False] * n
+    q_errors = list(q_errors) if q_errors is not None else [False] * n
+    if len(fp_errors) != n or len(q_errors) != n:
+        raise ValueError(f"policy-error flags for {len(fp_errors)}/{len(q_errors)} episodes, outcomes for {n}")
+    simulator_errors = sum(o is None for o in fp) + sum(o is None for o in quantized)
+    f = np.array([bool(o) for o in fp])  # None -> False: an error is never a success
+    q = np.array([bool(o) for o in quantized])
+    gains, losses = int(np.sum(q & ~f)), int(np.sum(f & ~q))
     rate_f, rate_q = wilson(int(f.sum()), n, confidence), wilson(int(q.sum()), n, confidence)
-    delta0 = paper_delta - margin
-    d = q - f
-    mean = float(d.mean()) if n else 0.0
+    delta0 = _clamp(paper_delta - margin)
+    decision, p_pass, p_fail = decide(gains, losses, n, delta0, confidence)
+    low, high = confidence_limits(gains, losses, n, confidence) if n else (-1.0, 1.0)
+    detectable = detectable_regression(n, (gains + losses) / n if n else 0.0, confidence)
+    q_only = sum(qe and not fe for fe, qe in zip(fp_errors, q_errors, strict=True))
+    errors = {"fp": int(sum(fp_errors)), "quantized": int(sum(q_errors))}
 
-    def verdict(v, p, ub, reason):
-        return Verdict(v, n, rate_f, rate_q, mean, delta0, p, ub, reason)
+    method = "exact score test" if n <= EXACT_MAX_PAIRS else "score test"
 
-    if n < MIN_PAIRS:
-        return verdict("inconclusive", None, None, f"{n} pairs, fewer than {MIN_PAIRS}")
-    if d.std() == 0:  # every pair differs by the same amount: no spread to test with
-        p, ub = (0.0, mean) if mean > delta0 else (1.0, mean)
-    else:
-        p = float(sps.ttest_1samp(d, popmean=delta0, alternative="greater").pvalue)
-        ub = float(sps.t.ppf(confidence, n - 1) * d.std(ddof=1) / np.sqrt(n) + mean)
-    if errored:
-        return verdict("inconclusive", p, ub, f"{errored} episodes errored")
-    if p < 1 - confidence:
-        return verdict("pass", p, ub, f"non-inferior: mean difference {mean:+.3f} > {delta0:+.3f} (p={p:.3g})")
-    if ub < delta0:
-        return verdict("fail", p, ub, f"inferior: upper bound {ub:+.3f} < {delta0:+.3f}")
-    return verdict("inconclusive", p, ub, f"mean difference {mean:+.3f}, bound {delta0:+.3f}, p={p:.3g}: "
-                                          "more episodes needed")
+    def verdict(v, reason):
+        return Verdict(v, n, rate_f, rate_q, gains, losses, (gains - losses) / n if n else 0.0, low, high, delta0,
+                       p_pass, detectable, errors, simulator_errors, reason)
+
+    if q_only:
+        return verdict("fail", f"the quantized policy errored in {q_only} pairs where FP did not")
+    if simulator_errors:
+        return verdict("inconclusive", f"{simulator_errors} episodes hit a simulator error")
+    if decision == "pass":
+        return verdict("pass", f"non-inferior: Delta > {delta0:+.3f} ({method})")
+    if decision == "fail":
+        return verdict("fail", f"inferior: Delta < {delta0:+.3f} ({method}, p={p_fail:.3g})")
+    if detectable > -delta0:
+        return verdict("inconclusive", f"underpowered: {n} pairs detect regressions of {detectable:.3f} or more, "
+                                       f"the bound asks {-delta0:.3f}; run more episodes")
+    return verdict("inconclusive", "neither non-inferiority nor inferiority shown; run more episodes")
