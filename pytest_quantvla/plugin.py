@@ -164,7 +164,9 @@ def summarize(terminalreporter, run, results: dict, verdicts: dict, partial: boo
     for r in results.values():
         if "golden_update" in r:
             tr.write_line(r["golden_update"])
-    tr.write_line(report.table(results))
+    summary = report.table(results)
+    if summary:
+        tr.write_line(summary)
     if run.report is not None:
         report.write_json(run.report, run, results, verdicts, partial)
         tr.write_line(f"report written to {run.report}")

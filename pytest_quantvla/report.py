@@ -26,7 +26,8 @@ def _row(nodeid: str, r: dict) -> list:
         return [check, f"{r['fp16_bytes']} -> {r['storage_bytes']} B ({r['saving']:.1%} saved)",
                 f"<= {r['budget_bytes']} B", "bit-width + 32 B/channel", verdict]
     if "golden_statistics" in nodeid and "action_mse" in r:
-        return [check, f"action MSE {r['action_mse']:.3g}", Path(r["golden"]).name, "golden/", verdict]
+        cosine = f", cos {r['action_cosine_min']:.4f}" if "action_cosine_min" in r else ""
+        return [check, f"action MSE {r['action_mse']:.3g}{cosine}", Path(r["golden"]).name, "golden/", verdict]
     if "attention_drift" in nodeid and "logit_std_drift" in r:
         return [check, f"std {r['logit_std_drift']:.4f}, rms {r['output_rms_drift']:.4f}",
                 f"reference std {r['reference_logit_std_drift']:.4f}, rms {r['reference_output_rms_drift']:.4f}",
@@ -41,10 +42,14 @@ def table(results: dict) -> str:
             rows.append(_row(nodeid, r))
     if layers:
         rels = sorted(r.get("relative_error", 0.0) for r in layers)
+        sqnr = min((r["sqnr_db"] for r in layers if r.get("sqnr_db") is not None), default=None)
         failed = sum(r["outcome"] != "passed" for r in layers)
         rows.append([f"layer_bounds ({len(layers)} layers)", f"rel. error median {rels[len(rels) // 2]:.4f}, "
-                     f"max {rels[-1]:.4f}", "analytic bound per element", "docs/quantizer.md",
+                     f"max {rels[-1]:.4f}" + (f"; SQNR >= {sqnr:.1f} dB" if sqnr is not None else ""),
+                     "analytic bound per element", "docs/quantizer.md",
                      "passed" if not failed else f"{failed} failed"])
+    if not rows:  # a run of LIBERO pairs only: the gate lines say it all
+        return ""
     return tabulate(rows, headers=["check", "measured", "reference", "source", "verdict"])
 
 

@@ -20,6 +20,9 @@ def paired_statistics(teacher, student, buffer: CalibrationBuffer) -> dict:
         stats.append(st)
     mse = sum(float(((a - b) ** 2).mean()) for a, b in zip(*actions, strict=True)) / len(buffer)
     energy = sum(float((a ** 2).mean()) for a in actions[0]) / len(buffer)
+    # GR00T's deployment checks compare action chunks by cosine similarity (>= 0.99 for bf16 engines)
+    cosines = [float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+               for a, b in zip(*actions, strict=True)]
     scales = getattr(student, "quantvla_scales", None)
     sites = []
     for site, t, s in zip(student.attention_sites(), *stats, strict=True):
@@ -27,4 +30,5 @@ def paired_statistics(teacher, student, buffer: CalibrationBuffer) -> dict:
                       "teacher_rms": t.rms, "student_rms": s.rms,
                       "alpha": scales["alpha"].get(site.name) if scales else None,
                       "beta": scales["beta"].get(site.name) if scales else None})
-    return {"action_mse": mse, "action_relative_mse": mse / energy if energy else 0.0, "sites": sites}
+    return {"action_mse": mse, "action_relative_mse": mse / energy if energy else 0.0,
+            "action_cosine_mean": sum(cosines) / len(cosines), "action_cosine_min": min(cosines), "sites": sites}

@@ -163,6 +163,8 @@ def test_report_json_is_written_once(pytester):
     assert skipped == (set() if onednn_ok() else {"quantvla/pi05/w4a8/kernel_exact[onednn-w8]"})  # -rs says why
     assert all(v["outcome"] == "passed" for k, v in data["checks"].items() if k not in skipped)
     assert any("relative_error" in v for v in data["checks"].values())
+    assert all(v["sqnr_db"] > 10 for k, v in data["checks"].items() if "/layer_bounds[" in k)  # dB, torchao's unit
+    assert 0.9 < data["checks"]["quantvla/pi05/w4a8/golden_statistics"]["action_cosine_min"] <= 1.0
 
 
 def test_libero_gate_verdicts_are_decided_once_from_the_pairs():

@@ -50,7 +50,8 @@ def golden_statistics(run) -> dict:
     folder = run.golden_dir or data_dir("golden")
     path = folder / golden.golden_name(run)
     got = measure(run)
-    summary = {"action_mse": got["action_mse"], "golden": str(path), "per_block": per_block(run, got)}
+    summary = {"action_mse": got["action_mse"], "action_cosine_mean": got["action_cosine_mean"],
+               "action_cosine_min": got["action_cosine_min"], "golden": str(path), "per_block": per_block(run, got)}
     if run.update_golden:
         changes = _changes(path, got)
         try:

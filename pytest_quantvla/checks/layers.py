@@ -19,7 +19,7 @@ from pytest_quantvla.collect import CheckFailed
 from pytest_quantvla.subject import subject
 from quantvla import preset
 from quantvla.api import record_activations
-from quantvla.quant.bounds import output_error_bound, relative_error
+from quantvla.quant.bounds import output_error_bound, relative_error, sqnr_db
 from quantvla.quant.linear import QuantLinear
 from quantvla.reference import reference_dir
 
@@ -79,7 +79,9 @@ def layer_bounds(run, name: str) -> dict:
         worst["rel"] = max(worst["rel"], _check(layer, lin, xa, "adversarial activations", name, run.bits))
 
     adversarial()
-    return {"relative_error": round(rel, 6), "worst_adversarial_relative_error": round(worst["rel"], 6)}
+    sqnr = sqnr_db(rel)
+    return {"relative_error": round(rel, 6), "sqnr_db": None if sqnr is None else round(sqnr, 2),
+            "worst_adversarial_relative_error": round(worst["rel"], 6)}
 
 
 def checks(run):
