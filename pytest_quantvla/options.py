@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,25 +134,19 @@ def parse(config: pytest.Config) -> RunConfig:
 
 
 def _episodes(raw: str) -> int:
+    from quantvla.eval.stats import parse_pairs
     try:
-        episodes = int(raw)
-    except ValueError:
-        episodes = 0
-    if episodes < 1:
-        raise pytest.UsageError(f"--quantvla-episodes={raw!r} is not a positive integer; pass the number of "
-                                "paired episodes per suite, e.g. --quantvla-episodes=20")
-    return episodes
+        return parse_pairs(raw)
+    except ValueError as err:
+        raise pytest.UsageError(f"--quantvla-episodes={err}") from None
 
 
 def _margin(raw: str) -> float:
+    from quantvla.eval.stats import parse_margin
     try:
-        margin = float(raw)
-    except ValueError:
-        margin = math.nan
-    if not 0.0 <= margin < 1.0:  # NaN fails both comparisons
-        raise pytest.UsageError(f"--quantvla-margin={raw!r} is not a number between 0 and 1; it is the "
-                                "non-inferiority margin in success rate, e.g. --quantvla-margin=0.10")
-    return margin
+        return parse_margin(raw)
+    except ValueError as err:
+        raise pytest.UsageError(f"--quantvla-margin={err}") from None
 
 
 def _check_outputs(values: dict, update_golden: bool) -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -92,12 +93,25 @@ def _libero(args) -> int:
     if out.is_dir() or not out.parent.is_dir():
         raise QuantVLAError(f"--json {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}; "
                             "pass a file path in an existing folder")
+    stop = []
+
+    def on_interrupt(signum, frame):  # finish the pair under way (never break the simulator mid-step)
+        stop.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print("interrupt: stopping after the current pair (Ctrl-C again to stop now)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         report = cli.run(args.model, args.size, args.checkpoint, quantizers, suites, args.episodes, args.seed,
-                         args.margin, out, max_steps=args.max_steps)
+                         args.margin, out, max_steps=args.max_steps, should_stop=lambda: bool(stop))
     except KeyboardInterrupt:
-        print(f"interrupted: partial report in {out} (it says \"partial\": true); nothing was decided",
-              file=sys.stderr)
+        report = {"partial": True}
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if report["partial"]:
+        where = (f"partial report in {out} (it says \"partial\": true)" if out.is_file() else
+                 "before the first pair, nothing written")
+        print(f"interrupted: {where}; nothing was decided", file=sys.stderr)
         return 130
     print(f"wrote {args.json}")
     verdicts = [v["verdict"] for gates in report["gates"].values() for v in gates.values()]
@@ -110,24 +124,16 @@ def _libero(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
-def _margin(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1) (a margin in success rate, e.g. 0.10)")
-    return value
+def _user_value(parser: str):
+    """An argparse type from one of quantvla.eval.stats' parsers (their message, exit 2), imported
+    only when the option is given (scipy is slow to import)."""
+    def convert(text: str):
+        from quantvla.eval import stats
+        try:
+            return getattr(stats, parser)(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return convert
 
 
 def _merge(args) -> int:
@@ -253,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     lib.add_argument("--quantizer", default="quantvla-w4a8",
                      help="a preset, or several comma-separated (each paired with the same FP episodes)")
     lib.add_argument("--suites", default="spatial", help="comma-separated: spatial, object, goal, 10")
-    lib.add_argument("--episodes", type=_positive_int, default=20, help="pairs per suite")
+    lib.add_argument("--episodes", type=_user_value("parse_pairs"), default=20, help="pairs per suite")
     lib.add_argument("--seed", type=int, default=0)
-    lib.add_argument("--margin", type=_margin, default=0.10, help="non-inferiority margin in success rate, in [0, 1)")
+    lib.add_argument("--margin", type=_user_value("parse_margin"), default=0.10,
+                     help="non-inferiority margin in success rate, in [0, 1)")
     lib.add_argument("--max-steps", type=int, help="cap episode length (smoke runs)")
     lib.add_argument("--json", default="libero-report.json")
     lib.add_argument("--allow-inconclusive", action="store_true",

@@ -24,7 +24,7 @@ def test_cuda_device_without_cuda(pytester):
 @pytest.mark.parametrize("margin", ["2", "nan", "-0.1", "inf", "abc"])
 def test_margin_outside_zero_one(pytester, margin):
     err = _usage_error(pytester, f"--quantvla-margin={margin}")
-    assert f"--quantvla-margin={margin!r}" in err and "between 0 and 1" in err
+    assert f"--quantvla-margin={margin!r} is not a number in [0, 1)" in err
 
 
 @pytest.mark.parametrize("episodes", ["abc", "-1", "0"])
@@ -204,20 +204,21 @@ def test_a_quantizer_with_nan_actions_fails_the_libero_gate(pytester, model):
 def test_ctrl_c_during_cli_libero_leaves_a_partial_report(tmp_path):
     import json
     import os
+    import re
     import signal
     import subprocess
     import sys
     pytest.importorskip("libero.libero", reason="needs the libero extra")
     out = tmp_path / "report.json"
     proc = subprocess.Popen([sys.executable, "-m", "quantvla", "libero", "--model", "pi05", "--episodes", "20",
-                             "--max-steps", "5", "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--max-steps", "5", "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:  # wait for the first finished pair
-        if "task" in line and "init" in line:
+        if re.match(r"\s+libero_spatial task \d+ init \d+:", line):
             break
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "Traceback" not in stderr and f"interrupted: partial report in {out}" in stderr
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output[-2000:]
+    assert "Traceback" not in output and f"interrupted: partial report in {out}" in output
     report = json.loads(out.read_text())  # valid JSON, and it says what it is
-    assert report["partial"] is True and len(report["episodes"]) >= 1
+    assert report["partial"] is True and 1 <= len(report["episodes"]) < 20

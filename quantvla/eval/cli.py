@@ -21,9 +21,11 @@ SUITE_NAMES = {"spatial": "libero_spatial", "object": "libero_object", "goal": "
 
 
 def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str], suites: list[str], episodes: int,
-        seed: int, margin: float, out: Path, max_steps: int | None = None, log=print) -> dict:
+        seed: int, margin: float, out: Path, max_steps: int | None = None, log=print,
+        should_stop=lambda: False) -> dict:
     """Each episode runs the FP model once and every quantized model on the same task, init state
-    and seed; each quantizer's gate is decided per suite against the FP outcomes."""
+    and seed; each quantizer's gate is decided per suite against the FP outcomes. `should_stop()`
+    is asked after every pair: True ends the run there, with the report left "partial"."""
     from quantvla import CalibrationBuffer, preset, quantize
     from quantvla.eval.libero import TaskEnv
     from quantvla.eval.policy import ModelPolicy
@@ -70,6 +72,8 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
                 marks = ", ".join(f"{label} {'ok' if r['success'] else '--'}" for label, r in
                                   [("FP", row["fp"]), *row["quantized"].items()])
                 log(f"  {suite} task {task} init {init_index}: {marks}")
+                if should_stop():
+                    return report  # written after the last pair, "partial": true
         finally:
             for env in envs.values():
                 env.close()

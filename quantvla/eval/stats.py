@@ -30,6 +30,7 @@ fails the gate whatever the counts say.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,6 +59,30 @@ def wilson(successes: int, episodes: int, confidence: float = 0.95) -> Rate:
         return Rate(0, 0, 0.0, 1.0)
     ci = sps.binomtest(successes, episodes).proportion_ci(confidence_level=confidence, method="wilson")
     return Rate(successes, episodes, float(ci.low), float(ci.high))
+
+
+def parse_margin(text: str) -> float:
+    """A non-inferiority margin from user text; ValueError saying what is wrong otherwise."""
+    try:
+        margin = float(text)
+    except ValueError:
+        margin = math.nan
+    if not 0.0 <= margin < 1.0:  # NaN fails both comparisons
+        raise ValueError(f"{text!r} is not a number in [0, 1); it is the non-inferiority margin in success rate, "
+                         "e.g. 0.10")
+    return margin
+
+
+def parse_pairs(text: str) -> int:
+    """A positive number of paired episodes from user text; ValueError otherwise."""
+    try:
+        pairs = int(text)
+    except ValueError:
+        pairs = 0
+    if pairs < 1:
+        raise ValueError(f"{text!r} is not a positive integer; it is the number of paired episodes per suite, "
+                         "e.g. 50")
+    return pairs
 
 
 # ------------------------------------------------------------------ Tango's score statistic
