@@ -112,7 +112,7 @@ def parse(config: pytest.Config) -> RunConfig:
     if checkpoint is not None and not checkpoint.exists():
         raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} does not exist; pass a .safetensors file or a "
                                 "checkpoint folder")
-    if checkpoint is not None and values["config"] == "trained" and not (checkpoint / "policy.json").is_file():
+    if checkpoint is not None and values["config"] == "trained" and not _is_policy_folder(checkpoint):
         raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} is not a trained-policy folder (no policy.json), "
                                 "and --quantvla-config is trained (the default); for a model checkpoint (safetensors "
                                 "file or folder) pass --quantvla-config=tiny or --quantvla-config=full, the size it "
@@ -131,6 +131,11 @@ def parse(config: pytest.Config) -> RunConfig:
                      values["quantizer"] or "quantvla", checkpoint, path(values["golden_dir"]),
                      bool(_value(config, "update_golden")), path(values["report"]), episodes, suites, margin,
                      path(values["record"]), bool(_value(config, "allow_inconclusive")))
+
+
+def _is_policy_folder(path: Path) -> bool:
+    from quantvla.tiny.policy import is_bundle  # imported only here: it pulls in torch
+    return is_bundle(path)
 
 
 def _episodes(raw: str) -> int:

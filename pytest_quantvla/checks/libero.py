@@ -58,12 +58,10 @@ def check_suites(run) -> None:
     import json
 
     from pytest_quantvla.subject import policy_path
-    if run.config != "trained" or run.suites is None:
-        return
-    meta_file = policy_path(run) / "policy.json"
-    if not meta_file.is_file():
+    from quantvla.tiny.policy import is_bundle
+    if run.config != "trained" or run.suites is None or not is_bundle(policy_path(run)):
         return  # not a policy folder: building the subject says so
-    trained = json.loads(meta_file.read_text()).get("suite")
+    trained = json.loads((policy_path(run) / "policy.json").read_text()).get("suite")
     if run.suites != (trained,):
         raise pytest.UsageError(f"the trained {run.model} policy ({policy_path(run)}) knows only {trained}; pass "
                                 f"--quantvla-suites={trained} (or leave it out), or --quantvla-config=tiny to run "
@@ -72,16 +70,12 @@ def check_suites(run) -> None:
 
 def suites_and_tasks(run) -> dict[str, list[int]]:
     """Per suite, the tasks that episodes cycle through: a trained policy's own suite and tasks
-    (asking for another suite is an error), else all ten tasks of each asked-for suite."""
+    (asking for another suite is an error, check_suites), else all ten tasks of each asked-for suite."""
+    check_suites(run)  # the controller checked already; a worker or a direct call checks here too
     bundle = subject(run).bundle
     if bundle is None:
         return {suite: list(range(TASKS_PER_SUITE)) for suite in run.suites or ("libero_spatial",)}
-    trained = bundle.meta["suite"]
-    if run.suites not in (None, (trained,)):
-        raise pytest.UsageError(f"the trained {run.model} policy ({bundle.path}) knows only {trained}; "
-                                f"--quantvla-suites={','.join(run.suites)} needs --quantvla-config=tiny or another "
-                                "policy")
-    return {trained: list(bundle.meta["tasks"])}
+    return {bundle.meta["suite"]: list(bundle.meta["tasks"])}
 
 
 def checks(run):
