@@ -32,6 +32,9 @@ def _row(nodeid: str, r: dict) -> list:
         return [check, f"std {r['logit_std_drift']:.4f}, rms {r['output_rms_drift']:.4f}",
                 f"reference std {r['reference_logit_std_drift']:.4f}, rms {r['reference_output_rms_drift']:.4f}",
                 "golden/ (quantvla)", verdict]
+    if "calibration_recovery" in nodeid and "atm_reduction" in r:
+        return [check, f"planted drift cut {r['atm_reduction']:.1f}x (ATM), {r['ohb_reduction']:.1f}x (OHB)",
+                ">= 2x each; alpha per head, clip, band", "pytest_quantvla/checks/calibration.py", verdict]
     return [check, (r.get("message") or "").splitlines()[-1][:60] if verdict == "failed" else "-", "-", "-", verdict]
 
 

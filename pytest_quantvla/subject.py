@@ -8,6 +8,7 @@ observations. tiny / full: seeded random weights (or --quantvla-checkpoint) and 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 from pytest_quantvla import quantizers
 from pytest_quantvla.options import RunConfig
 from quantvla import CalibrationBuffer, QuantizationReport
+from quantvla import quantize as quantize_model
 from quantvla.errors import QuantVLAError
 from quantvla.models import build
 from quantvla.models.checkpoint import load_checkpoint
@@ -79,3 +81,11 @@ def subject(run: RunConfig) -> Subject:
                             f"({str(quantized)[:40]!r}), not a model; a quantizer is called as "
                             "quantize(fp_model, calibration, bits) and returns the quantized torch.nn.Module")
     return Subject(run, fp, calibration, held_out, quantized.eval(), report, bundle)
+
+
+@functools.lru_cache(maxsize=2)
+def uncalibrated(run: RunConfig) -> nn.Module:
+    """The reference run's quantized model without ATM and OHB (same linears, every scale 1)."""
+    s = subject(run)
+    cfg = quantizers.preset_for(run.quantizer, run.bits)
+    return quantize_model(s.fp, s.calibration, dataclasses.replace(cfg, atm=False, ohb=False)).eval()

@@ -9,6 +9,7 @@
    into W_q;
 4. OHB: the same for the output RMS, with every alpha already applied; fold beta into W_o;
 5. measure again after both, for the report (paper Fig. 3 data).
+Steps 3-5 are `calibrate`, callable on its own.
 """
 
 from __future__ import annotations
@@ -133,8 +134,18 @@ def quantize(model: nn.Module, calibration: CalibrationBuffer, config: QuantConf
     mods = dict(student.named_modules())
     for n in names:
         _set_module(student, n, QuantLinear.from_linear(mods[n], config.linear, calib=acts[n], name=n))
-    if not (config.atm or config.ohb):
-        return student
+    if config.atm or config.ohb:
+        calibrate(teacher, student, calibration, config, report)
+    return student
+
+
+@torch.no_grad()
+def calibrate(teacher: nn.Module, student: nn.Module, calibration: CalibrationBuffer, config: QuantConfig,
+              report: QuantizationReport | None = None) -> nn.Module:
+    """ATM and OHB (steps 3-5 above) on a student whose linears are already quantized: fit alpha
+    per DiT attention head and fold it into W_q, then, with every alpha folded, beta per layer into
+    W_o. The student is changed in place and returned; `report`, if given, gets one SiteReport per
+    site."""
     entries = range(min(len(calibration), max(1, config.fit_steps // _steps(student, config))))
     steps = config.denoising_steps
     teacher_stats = _measure(teacher, calibration, entries, steps)
@@ -158,7 +169,7 @@ def quantize(model: nn.Module, calibration: CalibrationBuffer, config: QuantConf
                                       config.clip_log, config.neutral_log))
             site.fold_beta(betas[i])
     after = _measure(student, calibration, entries, steps)
-    for i, site in enumerate(sites):
+    for i, site in enumerate(sites if report is not None else []):
         report.sites.append(SiteReport(
             site.name, teacher_stats[i].std.tolist(), before[i].std.tolist(), after_atm[i].std.tolist(),
             after[i].std.tolist(),

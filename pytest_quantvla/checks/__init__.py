@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from pytest_quantvla.checks import drift, golden, kernels, layers, libero, memory
+from pytest_quantvla.checks import calibration, drift, golden, kernels, layers, libero, memory
 from pytest_quantvla.collect import CheckFailed
 from pytest_quantvla.options import RunConfig
 
@@ -29,6 +29,7 @@ def all_checks(run: RunConfig, with_libero: bool = False) -> Iterator[Check]:
     yield from memory.checks(run)
     yield from golden.checks(run)
     yield from drift.checks(run)
+    yield from calibration.checks(run)
     yield from layers.checks(run)
     if with_libero:
         yield from libero.checks(run)

@@ -4,15 +4,14 @@ golden/<model>-<config>-<quantizer>.json."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 from pytest_quantvla import golden
 from pytest_quantvla.collect import CheckFailed
 from pytest_quantvla.data import data_dir
 from pytest_quantvla.quantizers import preset_for
+from pytest_quantvla import subject as subject_module
 from pytest_quantvla.subject import subject
-from quantvla import quantize
 from quantvla.stats import paired_statistics
 
 
@@ -31,7 +30,7 @@ def per_block(run, stats: dict) -> list[dict]:
     uncalibrated = {}
     cfg = preset_for(run.quantizer, run.bits)
     if cfg is not None and (cfg.atm or cfg.ohb):
-        plain = quantize(s.fp, s.calibration, dataclasses.replace(cfg, atm=False, ohb=False))
+        plain = subject_module.uncalibrated(run)
         uncalibrated = {site["name"]: site for site in paired_statistics(s.fp, plain, s.held_out)["sites"]}
     rows = []
     for site in stats["sites"]:
