@@ -66,6 +66,19 @@ def _expected_scale(teacher: float, student: float, clip_log: float, neutral_log
     return 0.0 if abs(g) < neutral_log else g
 
 
+def _fit_problems(where: str, planted: str, scale: str, stat: str, planted_log: float, log_scale: float,
+                  drift: float, cfg) -> list[str]:
+    """Clipped exactly where planted beyond the clip; otherwise the fitted drift inside the band."""
+    clipped = -math.copysign(cfg.clip_log, planted_log)
+    if abs(planted_log) > cfg.clip_log:
+        return [] if abs(log_scale - clipped) <= 1e-6 else [
+            f"{where}: planted log {planted} {planted_log:+.2f}, log {scale} {log_scale:+.4f}, want {clipped:+.2f} "
+            "(clipped)"]
+    return [] if abs(drift) <= cfg.neutral_log + FIT_SLACK else [
+        f"{where}: planted log {planted} {planted_log:+.2f}, log {scale} {log_scale:+.4f} leaves "
+        f"log({stat} quantized / {stat} FP) = {drift:+.4f}, outside the band +-{cfg.neutral_log}"]
+
+
 def _measure(model, buffer, entries: range, steps):
     with observing(model.attention_sites()) as stats:
         for i in entries:
@@ -114,30 +127,15 @@ def calibration_recovery(run) -> dict:
     # what must hold is the fit's objective, measured here on the fitted model.)
     for i, (name, logs) in enumerate(zip(sites, temps, strict=True)):
         for h, planted_log in enumerate(logs):
-            log_alpha = math.log(alphas[name][h])
-            drift = math.log(atm[i].std[h] / teacher[i].std[h])
-            if abs(planted_log) > cfg.clip_log:
-                if abs(log_alpha + math.copysign(cfg.clip_log, planted_log)) > 1e-6:
-                    problems.append(f"{name} head {h}: planted log temperature {planted_log:+.2f}, log alpha "
-                                    f"{log_alpha:+.4f}, want {-math.copysign(cfg.clip_log, planted_log):+.2f} (clipped)")
-            elif abs(drift) > cfg.neutral_log + FIT_SLACK:
-                problems.append(f"{name} head {h}: planted log temperature {planted_log:+.2f}, log alpha "
-                                f"{log_alpha:+.4f} leaves log(Std quantized / Std FP) = {drift:+.4f}, outside the "
-                                f"band +-{cfg.neutral_log}")
+            problems += _fit_problems(f"{name} head {h}", "temperature", "alpha", "Std", planted_log,
+                                      math.log(alphas[name][h]), math.log(atm[i].std[h] / teacher[i].std[h]), cfg)
         for h, planted_log in enumerate(logs if i == 0 else []):  # no upstream site: the band is exact
             if planted_log == 0.0 and alphas[name][h] != 1.0:
                 problems.append(f"{name} head {h}: nothing planted, yet alpha {alphas[name][h]:.4f} (want 1: "
                                 "inside the neutral band)")
     for i, (name, planted_log) in enumerate(zip(sites, energies, strict=True)):
-        log_beta = math.log(betas[name])
-        drift = math.log(both[i].rms / teacher[i].rms)
-        if abs(planted_log) > cfg.clip_log:
-            if abs(log_beta + math.copysign(cfg.clip_log, planted_log)) > 1e-6:
-                problems.append(f"{name}: planted log energy {planted_log:+.2f}, log beta {log_beta:+.4f}, want "
-                                f"{-math.copysign(cfg.clip_log, planted_log):+.2f} (clipped)")
-        elif abs(drift) > cfg.neutral_log + FIT_SLACK:
-            problems.append(f"{name}: planted log energy {planted_log:+.2f}, log beta {log_beta:+.4f} leaves "
-                            f"log(RMS quantized / RMS FP) = {drift:+.4f}, outside the band +-{cfg.neutral_log}")
+        problems += _fit_problems(name, "energy", "beta", "RMS", planted_log, math.log(betas[name]),
+                                  math.log(both[i].rms / teacher[i].rms), cfg)
 
     # held out: the drift each stage removes (the paper's Fig. 3), and the actions
     held_out = CalibrationBuffer(s.held_out.inputs[:FIT_ENTRIES], s.held_out.noise[:FIT_ENTRIES])
