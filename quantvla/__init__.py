@@ -9,5 +9,5 @@ from quantvla.api import QuantizationReport, calibrate, quantize, quantized_laye
 from quantvla.calibration.buffer import CalibrationBuffer
 from quantvla.presets import PRESETS, QuantConfig, preset
 
-__all__ = ["quantize", "calibrate", "quantized_layer_names", "QuantizationReport", "CalibrationBuffer", "QuantConfig", "PRESETS",
-           "preset"]
+__all__ = ["quantize", "calibrate", "quantized_layer_names", "QuantizationReport", "CalibrationBuffer",
+           "QuantConfig", "PRESETS", "preset"]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import functools
 
 from pytest_quantvla import golden
+from pytest_quantvla import subject as subject_module
 from pytest_quantvla.collect import CheckFailed
 from pytest_quantvla.data import data_dir
 from pytest_quantvla.quantizers import preset_for
-from pytest_quantvla import subject as subject_module
 from pytest_quantvla.subject import subject
 from quantvla.stats import paired_statistics
 
