@@ -42,6 +42,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.property)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """tests/test_teeth.py's score: killed / total variants (from each test's recorded property, which
+    xdist carries to the controller)."""
+    verdicts = [value for rep in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
+                if rep.when == "call" for key, value in rep.user_properties if key == "teeth"]
+    if verdicts:
+        terminalreporter.write_line(f"teeth: killed {verdicts.count('killed')} / {len(verdicts)} variants")
+
+
 @pytest.fixture(autouse=True)
 def _one_thread_per_subprocess(monkeypatch):
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from pytest_quantvla.checks import calibration, drift, golden, kernels, layers, libero, memory
+from pytest_quantvla.checks import calibration, drift, golden, kernels, layers, libero, memory, transform
 from pytest_quantvla.collect import CheckFailed
 from pytest_quantvla.options import RunConfig
 
@@ -14,6 +14,7 @@ Check = tuple[str, Callable[[], dict | None], tuple]
 def all_checks(run: RunConfig, with_libero: bool = False) -> Iterator[Check]:
     """Every built-in check; the LIBERO pairs only when asked for (-m libero): they take minutes."""
     yield from kernels.checks(run)
+    yield from transform.checks(run)
     try:
         from pytest_quantvla.subject import subject
         subject(run)  # build the model and quantize it once, here, so a failure is reported once

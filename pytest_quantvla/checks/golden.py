@@ -8,6 +8,7 @@ import functools
 
 from pytest_quantvla import golden
 from pytest_quantvla import subject as subject_module
+from pytest_quantvla.checks import layers
 from pytest_quantvla.collect import CheckFailed
 from pytest_quantvla.data import data_dir
 from pytest_quantvla.quantizers import preset_for
@@ -48,7 +49,7 @@ def per_block(run, stats: dict) -> list[dict]:
 def golden_statistics(run) -> dict:
     folder = run.golden_dir or data_dir("golden")
     path = folder / golden.golden_name(run)
-    got = measure(run)
+    got = {**measure(run), "layer_relative_error": layers.layer_errors(run)}
     summary = {"action_mse": got["action_mse"], "action_cosine_mean": got["action_cosine_mean"],
                "action_cosine_min": got["action_cosine_min"], "golden": str(path), "per_block": per_block(run, got)}
     if run.update_golden:
