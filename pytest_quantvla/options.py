@@ -10,6 +10,7 @@ import pytest
 
 MODELS = ("pi05", "gr00t-n15")
 BITS = ("w4a8", "w4a4", "w8a8")
+DEFAULT_BITS = "w4a8"
 CONFIGS = ("trained", "tiny", "full")
 
 
@@ -46,7 +47,7 @@ _OPTIONS = [
     ("config", "trained", "trained (the default: the small LIBERO policy trained on expert demos, shipped in "
                           "golden/policies; object-state tokens stand in for the camera) | tiny (random weights, "
                           "images) | full (random weights, the real sizes)", CONFIGS),
-    ("bits", "w4a8", "bit-width setting: " + " | ".join(BITS), BITS),
+    ("bits", None, "bit-width setting: " + " | ".join(BITS) + f" (default {DEFAULT_BITS}, or the preset's own)", BITS),
     ("quantizer", "quantvla", "quantvla (the reference, the default) | a preset name | pkg.module:callable | "
                               "a name registered in the pytest_quantvla.quantizers entry-point group", None),
     ("checkpoint", None, "FP checkpoint to load (safetensors file or folder, any supported layout; with "
@@ -126,11 +127,26 @@ def parse(config: pytest.Config) -> RunConfig:
         raise pytest.UsageError(f"--quantvla-suites={values['suites']!r} is not valid; pass a comma-separated "
                                 f"list of: {', '.join(SUITES)}")
     _check_outputs(values, bool(_value(config, "update_golden")))
+    bits = _bits_of(values["quantizer"], values["bits"])
     path = lambda v: Path(v) if v else None  # noqa: E731
-    return RunConfig(values["model"], values["config"], values["bits"], device, seed,
+    return RunConfig(values["model"], values["config"], bits, device, seed,
                      values["quantizer"] or "quantvla", checkpoint, path(values["golden_dir"]),
                      bool(_value(config, "update_golden")), path(values["report"]), episodes, suites, margin,
                      path(values["record"]), bool(_value(config, "allow_inconclusive")))
+
+
+def _bits_of(quantizer: str | None, bits: str | None) -> str:
+    """A preset fixes its own bit-width: it wins over the default, and a different --quantvla-bits
+    (command line or ini) is a usage error naming both (else the run id would claim what did not run)."""
+    from quantvla.presets import PRESETS  # imported only here: the library, not the option table
+    cfg = PRESETS.get(quantizer or "")
+    if cfg is None or cfg.linear is None:
+        return bits or DEFAULT_BITS
+    own = f"w{cfg.linear.weight.bits}a{cfg.linear.act.bits}"
+    if bits is not None and bits != own:
+        raise pytest.UsageError(f"--quantvla-quantizer={quantizer} quantizes at {own}, but --quantvla-bits={bits}; "
+                                f"drop --quantvla-bits (the preset's {own} is used) or pass --quantvla-bits={own}")
+    return own
 
 
 def _is_policy_folder(path: Path) -> bool:

@@ -311,3 +311,17 @@ def test_libero_gate_serial_and_xdist_give_the_same_verdict(pytester):
     assert len(pairs_and_gates("serial.json")[0]) == 2
     serial.stdout.fnmatch_lines(["LIBERO gate libero_object: INCONCLUSIVE over 2 pairs*underpowered*",
                                  "WARNING: the LIBERO gate libero_object decided nothing: accepted*"])
+
+
+def test_a_preset_runs_at_its_own_bit_width_and_a_clash_is_a_usage_error(pytester):
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=smoothquant-w8a8", "--co",
+                                           "-q")
+    result.stdout.fnmatch_lines(["quantvla/pi05/w8a8/smoothquant-w8a8/memory[[]trained[]]"])
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=smoothquant-w8a8",
+                                           "--quantvla-bits=w4a8", "--co", "-q")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--quantvla-quantizer=smoothquant-w8a8 quantizes at w8a8, but "
+                                 "--quantvla-bits=w4a8; drop --quantvla-bits*"])
+    pytester.makeini("[pytest]\nquantvla_bits = w4a4\n")
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=smoothquant-w8a8", "--co")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
