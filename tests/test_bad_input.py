@@ -222,3 +222,15 @@ def test_ctrl_c_during_cli_libero_leaves_a_partial_report(tmp_path):
     assert "Traceback" not in output and f"interrupted: partial report in {out}" in output
     report = json.loads(out.read_text())  # valid JSON, and it says what it is
     assert report["partial"] is True and 1 <= len(report["episodes"]) < 20
+
+
+def test_an_embodiment_id_outside_the_action_head_is_one_clear_error():
+    import dataclasses
+
+    from quantvla.errors import QuantInputError
+    from quantvla.models.gr00t_n15 import TINY
+    with pytest.raises(QuantInputError, match=r"embodiment_id=31 is outside the 4 embodiments .*\(0\.\.3\)"):
+        dataclasses.replace(TINY, num_embodiments=4)
+    with pytest.raises(QuantInputError, match="embodiment_id=-1"):
+        dataclasses.replace(TINY, embodiment_id=-1)
+    assert dataclasses.replace(TINY, num_embodiments=4, embodiment_id=3).embodiment_id == 3

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantvla.errors import QuantInputError
 from quantvla.models.layers import (
     LayerNorm,
     RMSNorm,
@@ -72,6 +73,15 @@ class GR00TConfig:
     # object-state tokens (the small trained policies' stand-in for the camera): 0 = none
     num_objects: int = 0
     object_dim: int = 0
+
+    def __post_init__(self):
+        # checked here, not at the first embedding lookup, where it would be an IndexError traceback
+        if not 0 <= self.embodiment_id < self.num_embodiments:
+            n = self.num_embodiments
+            raise QuantInputError(f"GR00TConfig: embodiment_id={self.embodiment_id} is outside the {n} embodiments "
+                                  f"of the action head (0..{n - 1}); "
+                                  "pass the id your checkpoint was fine-tuned for (31, 'new_embodiment', for the "
+                                  "LIBERO fine-tunes with 32 embodiments)")
 
     @property
     def dit_width(self) -> int:
