@@ -234,3 +234,22 @@ def test_an_embodiment_id_outside_the_action_head_is_one_clear_error():
     with pytest.raises(QuantInputError, match="embodiment_id=-1"):
         dataclasses.replace(TINY, embodiment_id=-1)
     assert dataclasses.replace(TINY, num_embodiments=4, embodiment_id=3).embodiment_id == 3
+
+
+def test_gr00t_takes_lerobots_3d_state_and_names_a_wrong_shape():
+    import dataclasses
+
+    import torch
+
+    from quantvla.errors import QuantInputError
+    from quantvla.models import build
+    model = build("gr00t-n15", "tiny").eval()
+    inputs = model.example_inputs(batch=2, seed=0)
+    assert inputs.state is not None
+    noise = torch.randn(2, model.config.action_horizon, model.config.action_dim,
+                        generator=torch.Generator().manual_seed(1))
+    flat = model.sample_actions(inputs, noise)
+    lerobot = model.sample_actions(dataclasses.replace(inputs, state=inputs.state[:, None]), noise)
+    assert torch.equal(flat, lerobot)
+    with pytest.raises(QuantInputError, match=r"GR00T state has shape \(2, 1, 3\); expected \[2, 16\]"):
+        model.sample_actions(dataclasses.replace(inputs, state=torch.zeros(2, 1, 3)), noise)

@@ -107,6 +107,18 @@ TINY_STATE = GR00TConfig(
 
 
 # ------------------------------------------------------------------------------ backbone
+def _state_2d(state: torch.Tensor, batch: int, state_dim: int) -> torch.Tensor:
+    """[B, state_dim], or LeRobot's [B, 1, state_dim] (one observation step), as [B, state_dim]."""
+    given = tuple(state.shape)
+    if state.dim() == 3 and state.shape[1] == 1:
+        state = state[:, 0]
+    if state.shape != (batch, state_dim):
+        raise QuantInputError(f"GR00T state has shape {given}; expected [{batch}, {state_dim}] or "
+                              f"LeRobot's [{batch}, 1, {state_dim}] (batch, one step, the config's state_dim, padded "
+                              "with zeros as LeRobot pads to max_state_dim)")
+    return state
+
+
 class Qwen3Attention(nn.Module):
     def __init__(self, c: Qwen3Config):
         super().__init__()
@@ -460,7 +472,8 @@ class GR00TN15(nn.Module):
         b = inputs.batch
         if noise is None:
             noise = initial_noise(c, b, generator, inputs.tokens.device)
-        state = inputs.state if inputs.state is not None else torch.zeros(b, c.state_dim, device=noise.device)
+        state = _state_2d(inputs.state, b, c.state_dim) if inputs.state is not None else \
+            torch.zeros(b, c.state_dim, device=noise.device)
         vl = self.vl_embeddings(inputs)
         x = noise.float()
         for k in range(steps):
