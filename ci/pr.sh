@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pull-request checks on CPU, in an environment where `pip install torch==2.13.0 -e '.[dev,libero]'`
+# Pull-request checks on CPU, in an environment where `pip install torch==2.13.0 -e '.[dev,libero,third-party]'`
 # ran: lint, the project's own tests (README's test command: the fast tier), the slow tier (real
 # LIBERO episodes, whole main jobs under pytester) with the "ci" Hypothesis profile over the
 # property tests too, and the main job for both models from an empty folder. Each step prints its

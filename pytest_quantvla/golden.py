@@ -17,6 +17,21 @@ REL_ACTION = 0.25  # action MSE: 25% relative (a squared, small quantity)
 ABS_ACTION = 1e-9
 
 
+def folder(run) -> Path:
+    """Where a run's golden lives: --quantvla-golden-dir when given; else the goldens shipped with
+    the plugin for the reference quantizer and its presets, and <rootdir>/quantvla-golden for a
+    third-party quantizer (its own regression baseline, recorded on its first run, for its owner to
+    commit)."""
+    from pytest_quantvla.data import data_dir
+    from pytest_quantvla.quantizers import is_reference
+
+    if run.golden_dir is not None:
+        return run.golden_dir
+    if is_reference(run.quantizer):
+        return data_dir("golden")
+    return (run.rootdir or Path.cwd()) / "quantvla-golden"
+
+
 def golden_name(run) -> str:
     q = run.quantizer if run.quantizer != "quantvla" else f"quantvla-{run.bits}"
     if ":" in q or "." in q:

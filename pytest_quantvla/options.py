@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 
 MODELS = ("pi05", "gr00t-n15")
-BITS = ("w4a8", "w4a4", "w8a8")
+BITS = ("w4a8", "w4a4", "w8a8", "w8a16", "w4a16")  # the same as quantvla.quantizer.BITS (a test says so)
 DEFAULT_BITS = "w4a8"
+# Weight-only settings (third-party quantizers only: the reference quantizes activations too) are
+# held to the reference at the same weight bits with 8-bit activations: quantizing less, they
+# should drift no more.
+WEIGHT_ONLY = {"w8a16": "w8a8", "w4a16": "w4a8"}
 CONFIGS = ("trained", "tiny", "full")
 
 
@@ -31,6 +35,12 @@ class RunConfig:
     margin: float = 0.10
     record: Path | None = None
     allow_inconclusive: bool = False
+    rootdir: Path | None = None  # pytest's rootdir: a third-party quantizer's own goldens go under it
+
+    @property
+    def reference_bits(self) -> str:
+        """The reference quantizer's setting this run is compared with (attention drift)."""
+        return WEIGHT_ONLY.get(self.bits, self.bits)
 
     @property
     def prefix(self) -> str:
@@ -47,7 +57,8 @@ _OPTIONS = [
     ("config", "trained", "trained (the default: the small LIBERO policy trained on expert demos, shipped in "
                           "golden/policies; object-state tokens stand in for the camera) | tiny (random weights, "
                           "images) | full (random weights, the real sizes)", CONFIGS),
-    ("bits", None, "bit-width setting: " + " | ".join(BITS) + f" (default {DEFAULT_BITS}, or the preset's own)", BITS),
+    ("bits", None, "bit-width setting: " + " | ".join(BITS) + f" (default {DEFAULT_BITS}, or the quantizer's own; "
+                   "a16: weight-only, third-party quantizers)", BITS),
     ("quantizer", "quantvla", "quantvla (the reference, the default) | a preset name | pkg.module:callable | "
                               "a name registered in the pytest_quantvla.quantizers entry-point group", None),
     ("checkpoint", None, "FP checkpoint to load (safetensors file or folder, any supported layout; with "
@@ -127,25 +138,34 @@ def parse(config: pytest.Config) -> RunConfig:
         raise pytest.UsageError(f"--quantvla-suites={values['suites']!r} is not valid; pass a comma-separated "
                                 f"list of: {', '.join(SUITES)}")
     _check_outputs(values, bool(_value(config, "update_golden")))
-    bits = _bits_of(values["quantizer"], values["bits"])
+    bits = _bits_of(values["quantizer"] or "quantvla", values["bits"]) if values["model"] else \
+        values["bits"] or DEFAULT_BITS
     path = lambda v: Path(v) if v else None  # noqa: E731
     return RunConfig(values["model"], values["config"], bits, device, seed,
                      values["quantizer"] or "quantvla", checkpoint, path(values["golden_dir"]),
                      bool(_value(config, "update_golden")), path(values["report"]), episodes, suites, margin,
-                     path(values["record"]), bool(_value(config, "allow_inconclusive")))
+                     path(values["record"]), bool(_value(config, "allow_inconclusive")), Path(config.rootpath))
 
 
-def _bits_of(quantizer: str | None, bits: str | None) -> str:
-    """A preset fixes its own bit-width: it wins over the default, and a different --quantvla-bits
-    (command line or ini) is a usage error naming both (else the run id would claim what did not run)."""
-    from quantvla.presets import PRESETS  # imported only here: the library, not the option table
-    cfg = PRESETS.get(quantizer or "")
-    if cfg is None or cfg.linear is None:
+def _bits_of(quantizer: str, bits: str | None) -> str:
+    """One bit-width per run. A quantizer that declares its own (a preset, or a third-party callable
+    with a `bits` attribute) runs at it: it wins over the default, and a different --quantvla-bits
+    (command line or ini) is a usage error naming both, else the run id would claim what did not run."""
+    from pytest_quantvla.quantizers import is_reference, resolve  # imported only here: they pull in torch
+    from quantvla.quantizer import declared_bits
+
+    try:
+        own = declared_bits(resolve(quantizer))
+    except ValueError as err:
+        raise pytest.UsageError(f"--quantvla-quantizer={quantizer}: {err}") from None
+    if own is None:
+        if is_reference(quantizer) and bits in WEIGHT_ONLY:
+            raise pytest.UsageError(f"--quantvla-bits={bits} is weight-only; the reference quantizer '{quantizer}' "
+                                    "quantizes activations too: use w4a8, w4a4 or w8a8, or a third-party quantizer")
         return bits or DEFAULT_BITS
-    own = f"w{cfg.linear.weight.bits}a{cfg.linear.act.bits}"
     if bits is not None and bits != own:
         raise pytest.UsageError(f"--quantvla-quantizer={quantizer} quantizes at {own}, but --quantvla-bits={bits}; "
-                                f"drop --quantvla-bits (the preset's {own} is used) or pass --quantvla-bits={own}")
+                                f"drop --quantvla-bits (the quantizer's {own} is used) or pass --quantvla-bits={own}")
     return own
 
 

@@ -35,9 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     run = config.stash[options.RUN_KEY] = options.parse(config)
-    if run.model is not None:
-        from pytest_quantvla.quantizers import resolve
-        resolve(run.quantizer)  # an unknown or unimportable quantizer is a usage error, before collection
+    if run.model is not None:  # parse resolved the quantizer: an unknown one is already a usage error
         if selects_libero(config.option.markexpr or "") and not hasattr(config, "workerinput"):
             from pytest_quantvla.checks.libero import check_suites
             check_suites(run)  # here, on the controller: a usage error on an xdist worker is swallowed
@@ -167,6 +165,8 @@ def summarize(terminalreporter, run, results: dict, verdicts: dict, partial: boo
     summary = report.table(results)
     if summary:
         tr.write_line(summary)
+    if tr.verbosity > 0 and report.layer_table(results):
+        tr.write_line(report.layer_table(results))
     if run.report is not None:
         report.write_json(run.report, run, results, verdicts, partial)
         tr.write_line(f"report written to {run.report}")

@@ -1,38 +1,43 @@
-"""Which quantizer a run tests. A quantizer is any callable
-
-    quantize(model, calibration: quantvla.CalibrationBuffer, bits: str) -> quantized model
-
-that leaves `model` untouched. Named by --quantvla-quantizer as: "quantvla" (the reference, with
-the run's bit-width), one of quantvla.PRESETS, "pkg.module:callable", or a name registered in the
-`pytest_quantvla.quantizers` entry-point group."""
+"""Which quantizer a run tests (the protocol: quantvla.quantizer.Quantizer). Named by
+--quantvla-quantizer as: "quantvla" (the reference, at the run's bit-width), one of quantvla.PRESETS
+(at the preset's own bit-width), "pkg.module:callable", or a name registered in the
+`pytest_quantvla.quantizers` entry-point group. Resolved once per process; a quantizer's declared
+`bits` becomes the run's (options._bits_of)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Callable
 from importlib.metadata import entry_points
 
 import pytest
 
 from quantvla import PRESETS, QuantizationReport, preset, quantize
+from quantvla.quantizer import Quantizer
 
 GROUP = "pytest_quantvla.quantizers"
-Quantizer = Callable[..., object]
+REFERENCE = "quantvla"
 
 
 def _reference(name: str | None) -> Quantizer:
     def run(model, calibration, bits, report: QuantizationReport | None = None):
         return quantize(model, calibration, preset(name or f"quantvla-{bits}"), report)
 
-    run.quantvla_preset = name  # type: ignore[attr-defined]
+    if name is not None:
+        linear = PRESETS[name].linear
+        run.bits = None if linear is None else f"w{linear.weight.bits}a{linear.act.bits}"  # type: ignore[attr-defined]
+    run.name = name or REFERENCE  # type: ignore[attr-defined]
     return run
 
 
+def is_reference(spec: str) -> bool:
+    return spec == REFERENCE or spec in PRESETS
+
+
+@functools.cache
 def resolve(spec: str) -> Quantizer:
-    if spec == "quantvla":
-        return _reference(None)
-    if spec in PRESETS:
-        return _reference(spec)
+    if is_reference(spec):
+        return _reference(None if spec == REFERENCE else spec)
     registered = {ep.name: ep for ep in entry_points(group=GROUP)}
     if spec in registered:
         return registered[spec].load()
@@ -47,12 +52,12 @@ def resolve(spec: str) -> Quantizer:
         if not callable(obj):
             raise pytest.UsageError(f"--quantvla-quantizer={spec!r} is not callable")
         return obj
-    choices = ["quantvla", *PRESETS, *registered, "pkg.module:callable"]
+    choices = [REFERENCE, *PRESETS, *registered, "pkg.module:callable"]
     raise pytest.UsageError(f"--quantvla-quantizer={spec!r} is not valid; choose one of: {', '.join(choices)}")
 
 
 def preset_for(spec: str, bits: str):
     """The QuantConfig behind a reference quantizer spec, or None for third-party quantizers."""
-    if spec == "quantvla":
+    if spec == REFERENCE:
         return preset(f"quantvla-{bits}")
     return PRESETS.get(spec)

@@ -27,7 +27,8 @@ def _row(nodeid: str, r: dict) -> list:
                 f"<= {r['budget_bytes']} B", "bit-width + 32 B/channel", verdict]
     if "golden_statistics" in nodeid and "action_mse" in r:
         cosine = f", cos {r['action_cosine_min']:.4f}" if "action_cosine_min" in r else ""
-        return [check, f"action MSE {r['action_mse']:.3g}{cosine}", Path(r["golden"]).name, "golden/", verdict]
+        golden = Path(r["golden"])
+        return [check, f"action MSE {r['action_mse']:.3g}{cosine}", golden.name, f"{golden.parent.name}/", verdict]
     if "attention_drift" in nodeid and "logit_std_drift" in r:
         return [check, f"std {r['logit_std_drift']:.4f}, rms {r['output_rms_drift']:.4f}",
                 f"reference std {r['reference_logit_std_drift']:.4f}, rms {r['reference_output_rms_drift']:.4f}",
@@ -53,13 +54,31 @@ def table(results: dict) -> str:
         rels = sorted(r.get("relative_error", 0.0) for r in layers)
         sqnr = min((r["sqnr_db"] for r in layers if r.get("sqnr_db") is not None), default=None)
         failed = sum(r["outcome"] != "passed" for r in layers)
+        limit = max((r["limit"] for r in layers if "limit" in r), default=None)
+        held = "analytic bound per element" if limit is None else f"rel. error <= {limit}"
         rows.append([f"layer_bounds ({len(layers)} layers)", f"rel. error median {rels[len(rels) // 2]:.4f}, "
                      f"max {rels[-1]:.4f}" + (f"; SQNR >= {sqnr:.1f} dB" if sqnr is not None else ""),
-                     "analytic bound per element; 1.25 x golden's error", "docs/quantizer.md",
+                     f"{held}; 1.25 x golden's error",
+                     "docs/quantizer.md" if limit is None else "reference/layer_error.json",
                      "passed" if not failed else f"{failed} failed"])
     if not rows:  # a run of LIBERO pairs only: the gate lines say it all
         return ""
     return tabulate(rows, headers=["check", "measured", "reference", "source", "verdict"])
+
+
+def layer_table(results: dict) -> str:
+    """One row per quantized layer (shown with -v): the same table for the reference's QuantLinear
+    and for any library's layers."""
+    rows = []
+    for nodeid, r in sorted(results.items()):
+        if "/layer_bounds[" in nodeid:
+            rows.append([nodeid.split("/layer_bounds[")[1].rstrip("]"), r.get("relative_error", "-"),
+                         r.get("sqnr_db", "-"), r.get("worst_adversarial_relative_error", "-"),
+                         r.get("limit", "analytic"), r.get("budget") or "-", r["outcome"]])
+    if not rows:
+        return ""
+    return tabulate(rows, headers=["layer", "rel. error", "SQNR dB", "worst adversarial", "limit", "budget",
+                                   "verdict"])
 
 
 def write_json(path: Path, run, results: dict, verdicts: dict, partial: bool = False) -> None:

@@ -21,8 +21,10 @@ from pytest_quantvla.options import RunConfig
 from quantvla import CalibrationBuffer, QuantizationReport
 from quantvla import quantize as quantize_model
 from quantvla.errors import QuantVLAError
+from quantvla.memory import quantized_component_names
 from quantvla.models import build
 from quantvla.models.checkpoint import load_checkpoint
+from quantvla.quantizer import accepts_report
 from quantvla.tiny.policy import Bundle, load_bundle, shipped_policy
 
 CALIBRATION_ENTRIES = 8
@@ -40,9 +42,9 @@ class Subject:
     bundle: Bundle | None = None  # the trained policy (config "trained")
 
     def quantized_layers(self) -> list[str]:
-        """Names of the FP model's linears that the quantizer replaced."""
-        q = dict(self.quantized.named_modules())
-        return [n for n in self.fp.linear_roles() if type(q.get(n)) is not nn.Linear]
+        """Names of the FP model's linears that the quantizer changed (replaced, a tensor-subclass or
+        parametrized weight, or other weight values): quantvla.memory.is_quantized."""
+        return quantized_component_names(self.fp, self.quantized)
 
 
 def policy_path(run: RunConfig) -> Path:
@@ -71,9 +73,9 @@ def subject(run: RunConfig) -> Subject:
         held_out = CalibrationBuffer.synthetic(fp, HELD_OUT_ENTRIES, seed=run.seed + 1).to(run.device)
     quantize = quantizers.resolve(run.quantizer)
     report = None
-    if getattr(quantize, "quantvla_preset", False) is not False:  # the reference: keep its report
+    if accepts_report(quantize):  # the reference does: keep its calibration report
         report = QuantizationReport(run.quantizer)
-        quantized = quantize(fp, calibration, run.bits, report)
+        quantized = quantize(fp, calibration, run.bits, report=report)
     else:
         quantized = quantize(fp, calibration, run.bits)
     if not isinstance(quantized, nn.Module):

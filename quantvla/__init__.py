@@ -5,9 +5,9 @@ model families, calibration (ATM, OHB) and LIBERO evaluation.
     q = quantize(model, CalibrationBuffer.synthetic(model, 8), "quantvla-w4a8")
 """
 
-from quantvla.api import QuantizationReport, calibrate, quantize, quantized_layer_names
+from quantvla.api import QuantizationReport, calibrate, layout_filter, quantize, quantized_layer_names
 from quantvla.calibration.buffer import CalibrationBuffer
 from quantvla.presets import PRESETS, QuantConfig, preset
 
-__all__ = ["quantize", "calibrate", "quantized_layer_names", "QuantizationReport", "CalibrationBuffer",
-           "QuantConfig", "PRESETS", "preset"]
+__all__ = ["quantize", "calibrate", "quantized_layer_names", "layout_filter", "QuantizationReport",
+           "CalibrationBuffer", "QuantConfig", "PRESETS", "preset"]

@@ -70,6 +70,15 @@ def quantized_layer_names(model: nn.Module, config: QuantConfig) -> list[str]:
     return [n for n, role in model.linear_roles().items() if role in config.roles]
 
 
+def layout_filter(model: nn.Module, config: QuantConfig | str = "quantvla-w4a8"):
+    """The QuantVLA layout as a torchao-style `filter_fn(module, fqn) -> bool`: True for the linears
+    `config` quantizes (every LLM linear and the DiT MLPs for the paper's presets), so a library's
+    own quantizer touches exactly the layers the paper quantizes. quanto takes the same layers as
+    `include=quantized_layer_names(model, preset(...))`."""
+    names = frozenset(quantized_layer_names(model, preset(config) if isinstance(config, str) else config))
+    return lambda module, fqn: fqn in names and isinstance(module, nn.Linear)
+
+
 def _run(model, buffer: CalibrationBuffer, entries: range, steps: int | None) -> None:
     for i in entries:
         model.sample_actions(buffer.inputs[i], buffer.noise[i], num_steps=steps)

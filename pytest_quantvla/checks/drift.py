@@ -1,18 +1,19 @@
 """Attention drift against the reference quantizer. The paper's diagnosis (Sec. 3.2.2) is that
 quantization shifts the DiT attention's temperature (logit Std per head) and energy (output RMS
 per layer). For any quantizer, the worst |log(quantized / FP)| of both, measured on the held-out
-buffer, may exceed the reference quantizer's (its golden: golden/<model>-<config>-quantvla-<bits>.json)
+buffer, may exceed the reference quantizer's (its golden: golden/<model>-<config>-quantvla-<bits>.json;
+weight-only settings against the reference's a8 setting at the same weight bits)
 by at most DRIFT_FACTOR, or DRIFT_SLACK in absolute terms, whichever allows more."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 from pytest_quantvla import golden
 from pytest_quantvla.checks.golden import measure
 from pytest_quantvla.collect import CheckFailed
-from pytest_quantvla.data import data_dir
 
 DRIFT_FACTOR = 1.5
 DRIFT_SLACK = 0.005
@@ -30,12 +31,12 @@ def worst_drift(stats: dict) -> dict:
 
 
 def attention_drift(run) -> dict:
-    ref_run = type(run)(**{**run.__dict__, "quantizer": "quantvla"})
-    path = (run.golden_dir or data_dir("golden")) / golden.golden_name(ref_run)
+    ref_run = dataclasses.replace(run, quantizer="quantvla", bits=run.reference_bits)
+    path = golden.folder(ref_run) / golden.golden_name(ref_run)
     reference = golden.load(path)
     if reference is None:
         raise CheckFailed(f"no reference golden at {path}; create it with: pytest --quantvla-model={run.model} "
-                          f"--quantvla-config={run.config} --quantvla-bits={run.bits} --quantvla-update-golden "
+                          f"--quantvla-config={run.config} --quantvla-bits={ref_run.bits} --quantvla-update-golden "
                           "-k golden_statistics")
     got, ref = worst_drift(measure(run)), worst_drift(reference)
     problems = []
@@ -45,7 +46,7 @@ def attention_drift(run) -> dict:
         if value > limit:
             problems.append(f"{label} drift |log(quantized/FP)| = {value:.4f} at {where}, over the limit "
                             f"{limit:.4f} (the larger of {DRIFT_FACTOR}x and +{DRIFT_SLACK} over the reference "
-                            f"quantvla-{run.bits}'s {ref_value:.4f})")
+                            f"quantvla-{ref_run.bits}'s {ref_value:.4f})")
     if problems:
         raise CheckFailed("; ".join(problems))
     return {"logit_std_drift": round(got["logit_std"][0], 6), "output_rms_drift": round(got["output_rms"][0], 6),

@@ -10,8 +10,7 @@ from pytest_quantvla import golden
 from pytest_quantvla import subject as subject_module
 from pytest_quantvla.checks import layers
 from pytest_quantvla.collect import CheckFailed
-from pytest_quantvla.data import data_dir
-from pytest_quantvla.quantizers import preset_for
+from pytest_quantvla.quantizers import is_reference, preset_for
 from pytest_quantvla.subject import subject
 from quantvla.stats import paired_statistics
 
@@ -47,22 +46,24 @@ def per_block(run, stats: dict) -> list[dict]:
 
 
 def golden_statistics(run) -> dict:
-    folder = run.golden_dir or data_dir("golden")
+    folder = golden.folder(run)
     path = folder / golden.golden_name(run)
     got = {**measure(run), "layer_relative_error": layers.layer_errors(run)}
     summary = {"action_mse": got["action_mse"], "action_cosine_mean": got["action_cosine_mean"],
                "action_cosine_min": got["action_cosine_min"], "golden": str(path), "per_block": per_block(run, got)}
     if run.update_golden:
         changes = _changes(path, got)
-        try:
-            golden.write(path, got)
-        except OSError as err:
-            raise CheckFailed(f"cannot write the golden {path} ({type(err).__name__}: {err.strerror or err}); pass "
-                              "--quantvla-golden-dir=<a writable folder>") from None
+        _write(path, got)
         summary["golden_update"] = f"wrote {path}: " + "; ".join(changes[:10]) + (
             f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
         return summary
     expected = golden.load(path)
+    if expected is None and not is_reference(run.quantizer):
+        # A third-party quantizer's first run: the checks against FP and the paper decide; its own
+        # regression baseline is what it measured now, recorded for later runs to compare against.
+        _write(path, got)
+        summary["golden_update"] = f"baseline recorded at {path}; commit it (later runs compare against it)"
+        return summary
     if expected is None:
         opts = f"--quantvla-model={run.model} --quantvla-config={run.config} --quantvla-bits={run.bits}"
         if run.quantizer != "quantvla":
@@ -74,6 +75,14 @@ def golden_statistics(run) -> dict:
         more = f"\n  ... and {len(diff) - 15} more" if len(diff) > 15 else ""
         raise CheckFailed(f"statistics differ from {path} beyond tolerance:\n  " + "\n  ".join(diff[:15]) + more)
     return summary
+
+
+def _write(path, got: dict) -> None:
+    try:
+        golden.write(path, got)
+    except OSError as err:
+        raise CheckFailed(f"cannot write the golden {path} ({type(err).__name__}: {err.strerror or err}); pass "
+                          "--quantvla-golden-dir=<a writable folder>") from None
 
 
 def _changes(path, got: dict) -> list[str]:

@@ -23,8 +23,8 @@ PER_CHANNEL_BYTES = 32
 
 def budget(fp, quantized_names, wbits: int) -> int:
     """What the components may store: kept linears in FP16, quantized ones at wbits per weight plus
-    the per-channel allowance. A fake-quantized layer (FP16 weights) or W4 values kept in int8
-    containers exceed it."""
+    the per-channel allowance. A fake-quantized layer (float weights, replaced or changed in place)
+    or W4 values kept in int8 containers (torchao's unpacked intx int4) exceed it."""
     mods = dict(fp.named_modules())
     total = 0
     for n, r in fp.linear_roles().items():
@@ -42,7 +42,9 @@ def measured(run) -> dict:
     s = subject(run)
     rep = component_memory(s.fp, s.quantized)
     if rep.quantized == 0:
-        raise CheckFailed("the quantizer replaced none of the LLM/DiT linears")
+        raise CheckFailed("the quantizer changed none of the LLM/DiT linears: each is still an nn.Linear with the FP "
+                          "model's weight, bit for bit (did it return the model unchanged, or quantize a copy it "
+                          "did not return?)")
     limit = budget(s.fp, set(s.quantized_layers()), int(run.bits[1]))
     if rep.storage_bytes > limit:
         raise CheckFailed(f"quantized components store {rep.storage_bytes} bytes (FP16: {rep.fp16_bytes}); "
