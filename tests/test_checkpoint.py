@@ -113,3 +113,43 @@ def test_wrong_layout_or_path_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="unknown layout 'isaac' for pi05"):
         save_checkpoint(dst, tmp_path / "c", "openpi")
         load_checkpoint(dst, tmp_path / "c", layout="isaac")
+
+
+@pytest.mark.parametrize("prefix, layout", [("", "head"), ("action_head.", "isaac-head"),
+                                            ("_groot_model.action_head.", "lerobot-head")])
+def test_gr00t_action_head_only_checkpoints_load_into_the_head(tmp_path, prefix, layout):
+    """The three forms real GR00T N1.5 head-only files come in (bare, Isaac-GR00T, LeRobot)."""
+    src, dst = _pair("gr00t-n15")
+    save_file({prefix + k: v.contiguous() for k, v in src.action_head.state_dict().items()},
+              str(tmp_path / "head.safetensors"))
+    backbone = {k: v.clone() for k, v in dst.backbone.state_dict().items()}
+    assert load_checkpoint(dst, tmp_path / "head.safetensors").name == layout
+    assert all(torch.equal(v, src.action_head.state_dict()[k]) for k, v in dst.action_head.state_dict().items())
+    assert all(torch.equal(v, backbone[k]) for k, v in dst.backbone.state_dict().items())  # untouched
+    features = torch.randn(2, 9, src.config.llm.width, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(2, src.config.action_horizon, src.config.action_dim, generator=torch.Generator().manual_seed(6))
+    state = torch.randn(2, 1, src.config.state_dim)  # LeRobot's [B, 1, state_dim]
+    assert torch.equal(src.sample_actions_from_features(features, state, noise),
+                       dst.sample_actions_from_features(features, state, noise))
+
+
+def test_sampling_from_backbone_features_is_the_full_model_without_its_backbone():
+    model = build("gr00t-n15", "tiny")
+    inputs = model.example_inputs(seed=7)
+    noise = torch.randn(1, model.config.action_horizon, model.config.action_dim)
+    features, _ = model.backbone(inputs)
+    assert torch.equal(model.sample_actions(inputs, noise),
+                       model.sample_actions_from_features(features, inputs.state, noise))
+    from quantvla.errors import QuantInputError
+    with pytest.raises(QuantInputError, match=r"the action head takes \[batch, tokens, "):
+        model.sample_actions_from_features(features[0], inputs.state, noise)
+
+
+def test_a_head_only_checkpoint_missing_a_key_names_the_head_layout(tmp_path):
+    src, dst = _pair("gr00t-n15")
+    tensors = {"action_head." + k: v.contiguous() for k, v in src.action_head.state_dict().items()}
+    tensors.pop(next(iter(tensors)))
+    save_file(tensors, str(tmp_path / "head.safetensors"))
+    expect = r"(?s)layout 'isaac-head'.*the action_head only.*1 missing keys: action_head\."
+    with pytest.raises(CheckpointError, match=expect):
+        load_checkpoint(dst, tmp_path / "head.safetensors")

@@ -6,6 +6,9 @@ Layouts (a prefix on every key, plus aliases):
              "lerobot"  the same under "model."
   gr00t-n15  "isaac"    no prefix (Isaac-GR00T; usually sharded with model.safetensors.index.json)
              "lerobot"  the same under "_groot_model."
+             action-head-only checkpoints, loaded into model.action_head (the backbone untouched):
+             "head" (the head's own keys, bare), "isaac-head" (under "action_head."),
+             "lerobot-head" (under "_groot_model.action_head.")
 A checkpoint is a .safetensors file, or a folder holding model.safetensors or a sharded set with
 its index. Every problem (missing or unexpected keys, shapes, non-float dtypes, NaN/Inf, truncated
 or unreadable files) is collected and reported in one CheckpointError naming the first offenders
@@ -44,6 +47,8 @@ class Layout:
     aliases: dict = field(default_factory=dict)
     # checkpoint keys that exist in real files but that the model does not use
     ignored_prefixes: tuple = ()
+    # the submodule the checkpoint holds ("" : the whole model)
+    part: str = ""
 
 
 _PI05_EMBED = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
@@ -57,7 +62,10 @@ LAYOUTS = {
     "pi05": {"openpi": Layout("openpi", "", _PI05_ALIASES, _PI05_IGNORED),
              "lerobot": Layout("lerobot", "model.", _PI05_ALIASES, _PI05_IGNORED)},
     "gr00t-n15": {"isaac": Layout("isaac", "", _GR00T_ALIASES, _GR00T_IGNORED),
-                  "lerobot": Layout("lerobot", "_groot_model.", _GR00T_ALIASES, _GR00T_IGNORED)},
+                  "lerobot": Layout("lerobot", "_groot_model.", _GR00T_ALIASES, _GR00T_IGNORED),
+                  "head": Layout("head", "", part="action_head"),
+                  "isaac-head": Layout("isaac-head", "action_head.", part="action_head"),
+                  "lerobot-head": Layout("lerobot-head", "_groot_model.action_head.", part="action_head")},
 }
 
 
@@ -98,18 +106,33 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
-def detect_layout(family: str, keys) -> Layout:
-    layouts = LAYOUTS[family]
+def detect_layout(family: str, keys, model: nn.Module | None = None) -> Layout:
+    """The layout whose prefix every key carries (the longest such prefix); among unprefixed
+    layouts, the one whose part's own keys cover the most stored keys (a bare head-only file)."""
+    layouts = sorted(LAYOUTS[family].values(), key=lambda lay: -len(lay.prefix))
     keys = list(keys)
-    for layout in layouts.values():
+    for layout in layouts:
         if layout.prefix and keys and all(k.startswith(layout.prefix) for k in keys):
             return layout
-    return next(lay for lay in layouts.values() if not lay.prefix)
+    bare = [lay for lay in layouts if not lay.prefix]
+    if model is None or len(bare) == 1:
+        return next(lay for lay in bare if not lay.part)
+
+    def covered(lay: Layout) -> int:
+        own = set(_target(model, lay).state_dict())
+        return sum(lay.aliases.get(k, k) in own for k in keys)
+
+    return max(bare, key=lambda lay: (covered(lay), not lay.part))
+
+
+def _target(model: nn.Module, layout: Layout) -> nn.Module:
+    return model.get_submodule(layout.part) if layout.part else model
 
 
 def _expected(layout: Layout, model: nn.Module) -> str:
-    sample = next(iter(model.state_dict()))
-    return f"layout {layout.name!r} of {model.family} (keys like {layout.prefix}{sample})"
+    sample = next(iter(_target(model, layout).state_dict()))
+    part = f"; the {layout.part} only" if layout.part else ""
+    return f"layout {layout.name!r} of {model.family} (keys like {layout.prefix}{sample}{part})"
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, layout: str = "auto") -> Layout:
@@ -117,13 +140,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, layout: str = "au
     family = model.family
     stored = read_tensors(path)
     if layout == "auto":
-        lay = detect_layout(family, stored)
+        lay = detect_layout(family, stored, model)
     elif layout in LAYOUTS[family]:
         lay = LAYOUTS[family][layout]
     else:
         raise CheckpointError(f"unknown layout {layout!r} for {family}; choose auto or one of "
                               f"{', '.join(LAYOUTS[family])}")
-    want = model.state_dict()
+    want = _target(model, lay).state_dict()
     got: dict[str, torch.Tensor] = {}
     problems: dict[str, list[str]] = {"unexpected keys": [], "missing keys": [], "shape mismatches": [],
                                       "non-float tensors": [], "NaN/Inf tensors": []}
@@ -169,7 +192,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, layout: str, shar
     when shard_bytes is given. Each file is written to a temporary name and renamed (atomic)."""
     lay = LAYOUTS[model.family][layout]
     reverse = {v: k for k, v in lay.aliases.items()}
-    tensors = {lay.prefix + reverse.get(k, k): v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {lay.prefix + reverse.get(k, k): v.detach().contiguous().clone()
+               for k, v in _target(model, lay).state_dict().items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     if not shard_bytes:

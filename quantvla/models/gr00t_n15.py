@@ -448,8 +448,11 @@ class GR00TN15(nn.Module):
     # ---------------------------------------------------------------------------- forward
     def vl_embeddings(self, inputs: ModelInputs) -> torch.Tensor:
         feats, _ = self.backbone(inputs)  # padding is attended to, as in GR00T (no mask passed)
+        return self._head_context(feats)
+
+    def _head_context(self, features: torch.Tensor) -> torch.Tensor:
         head = self.action_head
-        return head.vl_self_attention(head.vlln(feats))
+        return head.vl_self_attention(head.vlln(features))
 
     def velocity(self, vl: torch.Tensor, state: torch.Tensor, x_t: torch.Tensor, t_disc: torch.Tensor) -> torch.Tensor:
         c, head = self.config, self.action_head
@@ -467,14 +470,31 @@ class GR00TN15(nn.Module):
     def sample_actions(self, inputs: ModelInputs, noise: torch.Tensor | None = None, num_steps: int | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Flow matching from noise at t = 0 to actions at t = 1 in num_steps Euler steps."""
-        c = self.config
-        steps = num_steps or c.num_steps
         b = inputs.batch
         if noise is None:
-            noise = initial_noise(c, b, generator, inputs.tokens.device)
-        state = _state_2d(inputs.state, b, c.state_dim) if inputs.state is not None else \
+            noise = initial_noise(self.config, b, generator, inputs.tokens.device)
+        return self._flow(self.vl_embeddings(inputs), inputs.state, noise, num_steps)
+
+    @torch.no_grad()
+    def sample_actions_from_features(self, features: torch.Tensor, state: torch.Tensor | None = None,
+                                     noise: torch.Tensor | None = None, num_steps: int | None = None,
+                                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """The action head alone, on backbone features computed elsewhere ([B, T, llm width]: the
+        Eagle LLM's hidden states, LeRobot's `backbone_features`), for a head-only checkpoint."""
+        c = self.config
+        if features.dim() != 3 or features.shape[-1] != c.llm.width:
+            raise QuantInputError(f"backbone features of shape {tuple(features.shape)}; the action head takes "
+                                  f"[batch, tokens, {c.llm.width}] (the backbone LLM's hidden states)")
+        if noise is None:
+            noise = initial_noise(c, features.shape[0], generator, features.device)
+        return self._flow(self._head_context(features), state, noise, num_steps)
+
+    def _flow(self, vl: torch.Tensor, state: torch.Tensor | None, noise: torch.Tensor, num_steps: int | None):
+        c = self.config
+        steps = num_steps or c.num_steps
+        b = noise.shape[0]
+        state = _state_2d(state, b, c.state_dim) if state is not None else \
             torch.zeros(b, c.state_dim, device=noise.device)
-        vl = self.vl_embeddings(inputs)
         x = noise.float()
         for k in range(steps):
             t_disc = torch.full((b,), int(k / steps * c.timestep_buckets), dtype=torch.long, device=x.device)
