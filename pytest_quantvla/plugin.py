@@ -41,6 +41,15 @@ def pytest_configure(config: pytest.Config) -> None:
             check_suites(run)  # here, on the controller: a usage error on an xdist worker is swallowed
     if not hasattr(config, "workerinput"):  # the controller, or a serial run
         config.pluginmanager.register(Reporter(config), "quantvla-reporter")
+        if run.model is not None and not _distributed(config):  # progress lines where they are seen
+            from pytest_quantvla import subject
+
+            def say(line: str) -> None:
+                tr = config.pluginmanager.get_plugin("terminalreporter")
+                if tr is not None and tr.verbosity >= -1:  # shown with -q, silenced by -qq
+                    tr.write_line(line)
+
+            subject.progress = say
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -59,8 +68,17 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     from pytest_quantvla.checks import all_checks
 
     with_libero = selects_libero(config.option.markexpr or "")
-    for name, check, markers in sorted(all_checks(run, with_libero), key=lambda c: c[0]):
+    checks = sorted(all_checks(run, with_libero), key=lambda c: c[0])
+    for name, check, markers in checks:
         items.append(CheckItem.from_parent(session, name=name, nodeid=name, check=check, markers=markers))
+    from pytest_quantvla import subject
+
+    subject.progress(f"quantvla: measure: {len(checks)} built-in checks (before -k/-m selection)")
+
+
+def _distributed(config: pytest.Config) -> bool:
+    """Whether xdist workers will build the subject (then this process never does)."""
+    return bool(getattr(config.option, "numprocesses", None)) and not getattr(config.option, "collectonly", False)
 
 
 def selects_libero(markexpr: str) -> bool:

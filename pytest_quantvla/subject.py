@@ -8,8 +8,11 @@ observations. tiny / full: seeded random weights (or --quantvla-checkpoint) and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +55,30 @@ def policy_path(run: RunConfig) -> Path:
     return run.checkpoint if run.checkpoint is not None else shipped_policy(run.model)
 
 
+# Where progress lines go: the plugin points it at the terminal in a serial run (an xdist worker's
+# output is not shown). A long main job then says what it is doing, phase by phase.
+progress: Callable[[str], None] = lambda line: None  # noqa: E731
+
+
+@contextlib.contextmanager
+def _phase(what: str):
+    started = time.perf_counter()
+    progress(f"quantvla: {what} ...")
+    yield
+    progress(f"quantvla: {what}: done in {time.perf_counter() - started:.1f} s")
+
+
 @functools.lru_cache(maxsize=2)
 def subject(run: RunConfig) -> Subject:
     torch.manual_seed(run.seed)
+    with _phase(f"build {run.model} ({run.config}) and its calibration buffers"):
+        fp, calibration, held_out, bundle = _build(run)
+    with _phase(f"quantize with {run.quantizer} at {run.bits}"):
+        quantized, report = _quantize(run, fp, calibration)
+    return Subject(run, fp, calibration, held_out, quantized, report, bundle)
+
+
+def _build(run: RunConfig):
     bundle = None
     if run.config == "trained":
         bundle = load_bundle(policy_path(run))
@@ -71,6 +95,10 @@ def subject(run: RunConfig) -> Subject:
         fp = fp.to(run.device).eval()
         calibration = CalibrationBuffer.synthetic(fp, CALIBRATION_ENTRIES, seed=run.seed).to(run.device)
         held_out = CalibrationBuffer.synthetic(fp, HELD_OUT_ENTRIES, seed=run.seed + 1).to(run.device)
+    return fp, calibration, held_out, bundle
+
+
+def _quantize(run: RunConfig, fp: nn.Module, calibration: CalibrationBuffer):
     quantize = quantizers.resolve(run.quantizer)
     report = None
     if accepts_report(quantize):  # the reference does: keep its calibration report
@@ -82,7 +110,7 @@ def subject(run: RunConfig) -> Subject:
         raise QuantVLAError(f"the quantizer {run.quantizer!r} returned {type(quantized).__name__} "
                             f"({str(quantized)[:40]!r}), not a model; a quantizer is called as "
                             "quantize(fp_model, calibration, bits) and returns the quantized torch.nn.Module")
-    return Subject(run, fp, calibration, held_out, quantized.eval(), report, bundle)
+    return quantized.eval(), report
 
 
 @functools.lru_cache(maxsize=2)
@@ -90,4 +118,5 @@ def uncalibrated(run: RunConfig) -> nn.Module:
     """The reference run's quantized model without ATM and OHB (same linears, every scale 1)."""
     s = subject(run)
     cfg = quantizers.preset_for(run.quantizer, run.bits)
-    return quantize_model(s.fp, s.calibration, dataclasses.replace(cfg, atm=False, ohb=False)).eval()
+    with _phase(f"quantize with {run.quantizer} at {run.bits} without ATM/OHB (the drift they correct)"):
+        return quantize_model(s.fp, s.calibration, dataclasses.replace(cfg, atm=False, ohb=False)).eval()

@@ -325,3 +325,12 @@ def test_a_preset_runs_at_its_own_bit_width_and_a_clash_is_a_usage_error(pyteste
     pytester.makeini("[pytest]\nquantvla_bits = w4a4\n")
     result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=smoothquant-w8a8", "--co")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_a_main_job_prints_a_line_per_phase_with_its_time(pytester):
+    result = pytester.runpytest_subprocess("--quantvla-model=gr00t-n15", "-q", "-k", "memory")
+    result.stdout.fnmatch_lines(["quantvla: build gr00t-n15 (trained) and its calibration buffers: done in * s",
+                                 "quantvla: quantize with quantvla at w4a8: done in * s",
+                                 "quantvla: measure: * built-in checks (before -k/-m selection)"])
+    assert "quantvla: quantize" not in pytester.runpytest_subprocess("--quantvla-model=gr00t-n15", "-qq", "-k",
+                                                                     "memory").stdout.str()
