@@ -8,6 +8,7 @@
   expert          the scripted privileged-state expert's success on the official init states
   demos           expert demonstrations from randomized resets (no rendering)
   train-tiny      behaviour-clone a small state-based policy (flow matching) into a policy folder
+  quantize        quantize a model (a trained policy, or a checkpoint) and write the artifact, with its memory
 """
 
 from __future__ import annotations
@@ -303,6 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--threads", type=int)
     tt.set_defaults(func=_train_tiny)
+    qz = sub.add_parser("quantize", help="quantize a model and write the artifact, printing its memory")
+    qz.add_argument("--model", required=True, choices=["pi05", "gr00t-n15"])
+    qz.add_argument("--size", default="trained", choices=["trained", "tiny", "full"],
+                    help="trained: a policy folder (default: the shipped one); tiny, full: a model checkpoint")
+    qz.add_argument("--checkpoint", help="a trained-policy folder, or (with --size tiny|full) a safetensors "
+                                         "checkpoint in any supported layout")
+    qz.add_argument("--quantizer", default="quantvla-w4a8", help="a preset (default quantvla-w4a8)")
+    qz.add_argument("--out", required=True, help="artifact folder (model.safetensors + quantvla.json)")
+    qz.add_argument("--entries", type=int, default=16, help="synthetic calibration entries for tiny/full")
+    qz.add_argument("--seed", type=int, default=0)
+    qz.set_defaults(func=_quantize)
     args = parser.parse_args(argv)
     try:
         if getattr(args, "device", "cpu") != "cpu":
@@ -311,6 +323,59 @@ def main(argv: list[str] | None = None) -> int:
     except QuantVLAError as err:  # bad input: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _quantize(args) -> int:
+    """A deployer's command: the FP model (a shipped or given trained policy with its recorded
+    calibration, or a tiny/full model from a checkpoint with a synthetic buffer), quantized by a
+    preset, written as an artifact (quantvla.artifact), with the memory of what was quantized."""
+    import time
+
+    import torch
+    from tabulate import tabulate
+
+    from quantvla import CalibrationBuffer, preset, quantize
+    from quantvla.artifact import save_quantized
+    from quantvla.memory import GIB, component_memory
+    from quantvla.models import build
+    from quantvla.models.checkpoint import load_checkpoint
+    from quantvla.tiny.policy import is_bundle, load_bundle, shipped_policy
+
+    if ":" in args.quantizer:
+        raise QuantVLAError(f"--quantizer {args.quantizer}: artifacts hold the reference quantizer's layers; a "
+                            "third-party quantizer saves with its own library (torchao, quanto: torch.save of the "
+                            "state_dict); validate it with pytest --quantvla-quantizer=" + args.quantizer)
+    config = preset(args.quantizer)  # an unknown name is one clear error before anything is built
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise QuantVLAError(f"--out {out} is a file; pass a folder (created if missing)")
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    if args.size == "trained":
+        path = Path(args.checkpoint) if args.checkpoint else shipped_policy(args.model)
+        if not is_bundle(path):
+            raise QuantVLAError(f"--checkpoint {path} is not a trained-policy folder (no policy.json); for a model "
+                                "checkpoint pass --size tiny or --size full, the size it was saved at")
+        bundle = load_bundle(path)
+        if bundle.family != args.model:
+            raise QuantVLAError(f"{path} holds a {bundle.family} policy, not {args.model}")
+        fp, calibration = bundle.model.eval(), bundle.calibration()
+    else:
+        fp = build(args.model, args.size)
+        if args.checkpoint:
+            load_checkpoint(fp, args.checkpoint)
+        calibration = CalibrationBuffer.synthetic(fp, args.entries, seed=args.seed)
+    print(f"{args.model} ({args.size}), {len(calibration)} calibration entries, {args.quantizer}")
+    quantized = quantize(fp, calibration, config)
+    took = time.perf_counter() - started
+    save_quantized(quantized, out, config, fp, calibration)
+    mem = component_memory(fp, quantized)
+    size = lambda n: f"{n / GIB:.3f} GiB" if n >= GIB else f"{n / 2**20:.3f} MiB"  # noqa: E731
+    print(tabulate([["LLM + DiT linears", mem.components, mem.quantized, size(mem.fp16_bytes),
+                     size(mem.storage_bytes), size(mem.resident_bytes), f"{mem.saving:.1%}"]],
+                   headers=["components", "linears", "quantized", "FP16", "stored", "resident", "saved"]))
+    print(f"quantized in {took:.1f} s; wrote {out} (load with quantvla.artifact.load_quantized)")
+    return 0
 
 
 def _check_device(device: str) -> None:
