@@ -210,8 +210,12 @@ def test_a_quantizers_declared_bits_name_the_run_and_a_clash_is_a_usage_error(py
 @pytest.mark.slow  # two whole main jobs
 @pytest.mark.parametrize(("model", "adapter"), [("pi05", "torchao_int8_dynamic"), ("gr00t-n15", "quanto_w8a8")])
 def test_a_library_quantizer_gets_every_check_and_a_baseline_on_its_first_run(pytester, model, adapter):
-    pytest.importorskip("torchao", reason="the optional extra 'third-party' is not installed")
-    pytest.importorskip("optimum.quanto", reason="the optional extra 'third-party' is not installed")
+    import importlib.util
+
+    # find_spec, not an import: pytester drops modules first imported during the test, and torchao
+    # cannot register its operators twice in one process
+    if importlib.util.find_spec("torchao") is None or importlib.util.find_spec("optimum") is None:
+        pytest.skip("the optional extra 'third-party' is not installed")
     spec = f"quantvla.thirdparty:{adapter}"
     args = [f"--quantvla-model={model}", f"--quantvla-quantizer={spec}", "-q", "-p", "xdist", "-n", "2"]
     first = pytester.runpytest_subprocess(*args, f"--quantvla-report={pytester.path / 'first.json'}")
@@ -222,7 +226,10 @@ def test_a_library_quantizer_gets_every_check_and_a_baseline_on_its_first_run(py
     assert len(layers) == checks[f"{prefix}/memory[trained]"]["quantized"] > 0
     for name in ("memory[trained]", "attention_drift", "golden_statistics"):
         assert checks[f"{prefix}/{name}"]["outcome"] in ("passed", "failed"), name
-    assert all("sqnr_db" in checks[k] and checks[k]["limit"] == 0.05 for k in layers)
+    for k in layers:  # each decided against the w8a8 limit: measured when it passed, named when it failed
+        r = checks[k]
+        assert ("sqnr_db" in r and r["limit"] == 0.05) if r["outcome"] == "passed" else \
+            "over the w8a8 limit 0.05 (reference/layer_error.json)" in r["message"], (k, r)
     second = pytester.runpytest_subprocess(*args)
     assert "baseline recorded" not in second.stdout.str()
     assert second.parseoutcomes() == first.parseoutcomes()
