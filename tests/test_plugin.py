@@ -327,6 +327,14 @@ def test_a_preset_runs_at_its_own_bit_width_and_a_clash_is_a_usage_error(pyteste
     assert result.ret == pytest.ExitCode.USAGE_ERROR
 
 
+@pytest.mark.slow  # a whole main job
+def test_smoothquant_alone_runs_at_w8a8_against_its_shipped_golden_and_passes(pytester):
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=smoothquant-w8a8", "-q")
+    result.stdout.fnmatch_lines(["*golden_statistics*pi05-trained-smoothquant-w8a8.json*passed*"])
+    outcomes = result.parseoutcomes()
+    assert result.ret == 0 and outcomes["passed"] >= 20 and "failed" not in outcomes, outcomes
+
+
 def test_a_main_job_prints_a_line_per_phase_with_its_time(pytester):
     result = pytester.runpytest_subprocess("--quantvla-model=gr00t-n15", "-q", "-k", "memory")
     result.stdout.fnmatch_lines(["quantvla: build gr00t-n15 (trained) and its calibration buffers: done in * s",
