@@ -24,7 +24,10 @@ def test_bench_models_cli_writes_rows_json_and_png(tmp_path):
     assert row["speedup"] == pytest.approx(row["fp_chunk_ms"] / row["q_chunk_ms"], abs=0.01)
     # W4 storage of the LLM + DiT MLP linears; DiT attention stays FP16 in the count
     assert row["storage_mib"] < 0.75 * row["fp16_mib"] and row["saving"] > 0.25
-    assert row["resident_mib"] == row["storage_mib"]  # the reference layer caches nothing
+    # the reference layer's only cache is its rotations' reflection plan: a few bytes per block
+    assert row["storage_mib"] <= row["resident_mib"] <= row["storage_mib"] + 0.002
+    # the lean forward: 205 top-level torch ops per call before it, about 40 after
+    assert 0 < row["ops_per_linear"] <= 80
     assert row["fp_peak_mib"] is None  # CUDA only
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

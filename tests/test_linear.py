@@ -11,7 +11,7 @@ from torch import nn
 
 from quantvla.errors import QuantInputError
 from quantvla.quant.bounds import output_error_bound
-from quantvla.quant.config import ActQuantConfig, DuQuantConfig, LinearQuantConfig, WeightQuantConfig
+from quantvla.quant.config import ActQuantConfig, DuQuantConfig, LinearQuantConfig, WeightQuantConfig, linear_config
 from quantvla.quant.linear import QuantLinear
 
 from .strategies import float_matrices
@@ -133,8 +133,14 @@ def test_w4_bytes_at_most_027_of_fp16_with_transform():
     assert parts["qweight"] == n * k // 2
     assert parts["total"] == sum(v for key, v in parts.items() if key != "total")
     assert parts["total"] <= 0.27 * fp16, parts
+    layer(torch.randn(3, k))
     footprint = layer.footprint()
-    assert footprint["resident"] == footprint["storage"]  # no cache kept alive between calls
+    # the only cache: the rotations' reflection plans, an index (int64) and a weight (fp32) per block
+    # and reflection step, counted as resident
+    steps = [int((r.index >= 0).any(dim=0).sum()) for r in (layer.transform.rot1, layer.transform.rot2)]
+    plan = sum(steps) * (k // 64) * (8 + 4)
+    assert plan > 0
+    assert footprint["resident"] == footprint["storage"] + plan
 
 
 def test_nbytes_counts_every_buffer():
@@ -218,3 +224,18 @@ def test_bound_catches_a_broken_layer():
         p = swapped.qweight
         p.copy_((p >> 4) | (p << 4))
     assert not ((swapped(x).double() - ref).abs() <= bound).all()
+
+
+def test_reflection_plan_follows_a_loaded_index():
+    """The rotations cache their reflection plan; loading other rotations into a layer that has
+    already run must rebuild it (a stale plan would apply the old, here empty, reflections)."""
+    cfg = linear_config("w4a8", transform=DuQuantConfig())
+    x = torch.randn(40, 128) * torch.linspace(0.1, 10, 128)
+    fitted = QuantLinear.from_linear(make_linear(128, 64, 0), cfg, calib=x, name="fitted")
+    assert any(int((r.index >= 0).sum()) for r in (fitted.transform.rot1, fitted.transform.rot2))
+    fresh = QuantLinear(128, 64, True, cfg, name="fresh")
+    fresh(x)  # builds the plan of its identity rotations
+    assert fresh.transform.cache_nbytes() == 0
+    fresh.load_state_dict(fitted.state_dict())
+    assert torch.equal(fresh(x), fitted(x))
+    assert fresh.transform.cache_nbytes() == fitted.transform.cache_nbytes() > 0

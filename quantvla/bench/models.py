@@ -46,6 +46,7 @@ class ModelRow:
     storage_mib: float
     resident_mib: float
     saving: float
+    ops_per_linear: int | None = None  # top-level torch ops one quantized linear call dispatches
     fp_peak_mib: float | None = None  # CUDA only: peak allocated memory while the model runs a chunk
     q_peak_mib: float | None = None
 
@@ -76,6 +77,32 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def ops_per_linear_call(q: torch.nn.Module, x, noise) -> int | None:
+    """Top-level torch operators one call of the first quantized linear dispatches, on the input it
+    sees in a real chunk (profiled alone, so nested and model ops are not counted). On these small
+    models each operator costs about as much as the arithmetic, so this is the latency to cut."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quantvla.quant.linear import QuantLinear
+
+    layer = next((m for m in q.modules() if isinstance(m, QuantLinear)), None)
+    if layer is None:
+        return None
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda _mod, args: seen.append(args[0]) if not seen else None)
+    try:
+        with torch.no_grad():
+            q.sample_actions(x, noise)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        layer(seen[0])  # first call builds the layer's caches
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            layer(seen[0])
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and (
+        e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", rounds: int = 15, seed: int = 0,
             entries: int = 16, device: str = "cpu", fp_dtype: torch.dtype = torch.float32, log=print) -> ModelRow:
     from quantvla import quantize
@@ -89,7 +116,7 @@ def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", r
     q = quantize(model, buffer, quantizer).eval()
     _sync(device)
     quantize_s = time.perf_counter() - t0
-    mem = component_memory(model, q)
+    ops = ops_per_linear_call(q, x, noise)
 
     def chunk(m):
         with torch.no_grad():
@@ -112,16 +139,17 @@ def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", r
             chunk(m)
             times[key].append(time.perf_counter() - t0)
     fp_ms, q_ms = (statistics.median(times[k]) * 1e3 for k in ("fp", "q"))
+    mem = component_memory(model, q)  # after the runs: the caches built on first use count as resident
     c = model.config
     row = ModelRow(family, size, device, str(fp_dtype).removeprefix("torch."), quantizer,
                    round(sum(p.numel() for p in model.parameters()) / 1e6, 3), c.num_steps, c.action_horizon,
                    len(buffer), round(fp_ms, 3), round(q_ms, 3), round(fp_ms / q_ms, 2), round(quantize_s, 2),
                    round(mem.fp16_bytes / MIB, 3), round(mem.storage_bytes / MIB, 3),
-                   round(mem.resident_bytes / MIB, 3), round(mem.saving, 4), peaks.get("fp"), peaks.get("q"))
+                   round(mem.resident_bytes / MIB, 3), round(mem.saving, 4), ops, peaks.get("fp"), peaks.get("q"))
     log(f"  {family} {size} ({row.params_M} M params, {row.fp_dtype} on {device}): chunk FP {fp_ms:.1f} ms, "
         f"{quantizer} {q_ms:.1f} ms ({row.speedup}x); quantize {quantize_s:.1f} s on {len(buffer)} entries; "
         f"components FP16 {_size(mem.fp16_bytes)} -> {_size(mem.storage_bytes)} stored, "
-        f"{_size(mem.resident_bytes)} resident ({mem.saving:.1%} saved)"
+        f"{_size(mem.resident_bytes)} resident ({mem.saving:.1%} saved); {ops} ops per quantized linear call"
         + (f"; peak CUDA memory FP {peaks['fp']} MiB, quantized {peaks['q']} MiB" if peaks else ""))
     return row
 

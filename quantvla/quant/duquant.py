@@ -31,6 +31,7 @@ from torch import nn
 
 from quantvla.errors import QuantInputError
 from quantvla.quant.config import DuQuantConfig
+from quantvla.quant.kernels import weight_identity
 
 SMOOTH_RANGE = (1e-5, 1e5)
 
@@ -119,38 +120,73 @@ class BlockRotation(nn.Module):
         return full, rem
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] times blockdiag(R)."""
+        """x [M, K] times blockdiag(R). A rotation without reflections returns x itself."""
         if self.kind == "householder":
             return self._reflect(x)
         return apply_blocks(x, self.layout, *self.matrices(x.dtype))
 
     def _reflect(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the reflections one by one: x_b <- x_b - c (x_b . v) v^T, v = e_j - u 1, u = 1/sqrt(b).
-        Each step is O(M K), against O(M K b) for the dense block product (and no matrix to build)."""
-        lay = self.layout
+        Each step is O(M K), against O(M K b) for the dense block product (and no matrix to build).
+        Everything derived from `index` comes from the cached plan, so a call runs only the arithmetic."""
+        plan = self._reflection_plan(x.dtype, x.device)
+        if not plan:
+            return x
         m = x.shape[0]
         out = x.clone()
-        groups = [(out[:, : lay.n_full * lay.size].view(m, lay.n_full, lay.size), self.index[: lay.n_full], lay.size)]
+        for start, blocks, size, u, steps in plan:
+            view = out[:, start:start + blocks * size].view(m, blocks, size)
+            for jj, weight in steps:
+                jj = jj.expand(m, -1, 1)
+                d = view.gather(2, jj).squeeze(2) - u * view.sum(dim=2)  # x_b . v, [m, blocks]
+                d = d * weight
+                view.add_((u * d)[:, :, None])
+                view.scatter_add_(2, jj, -d[:, :, None])
+        return out
+
+    def _reflection_plan(self, dtype: torch.dtype, device: torch.device) -> list:
+        """[(first column, blocks, size, u, [(index [1, blocks, 1], coef-or-0 [blocks]) per step])] for
+        each group of equal blocks that has a reflection. Built from `index` on first use and again
+        when index is replaced or edited (load_state_dict, copy_) or the dtype/device changes; it
+        holds two small vectors per step (cache_nbytes())."""
+        key = (weight_identity(self.index), dtype, device)
+        cached = getattr(self, "_plan", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        lay = self.layout
+        groups = [(0, lay.n_full, lay.size, self.index[: lay.n_full])]
         if lay.rem:
-            groups.append((out[:, lay.n_full * lay.size:].view(m, 1, lay.rem), self.index[lay.n_full:], lay.rem))
-        for view, index, size in groups:
+            groups.append((lay.n_full * lay.size, 1, lay.rem, self.index[lay.n_full:]))
+        plan = []
+        for start, blocks, size, index in groups:
             if size < 2:
                 continue
             u = 1.0 / math.sqrt(size)
             coef = 2.0 / (2.0 - 2.0 * u)
-            # index work once per call, not once per step: the same arithmetic, far fewer small ops
-            j_all = index.long()
-            active_all = j_all >= 0
-            steps = int(active_all.any(dim=0).sum())  # the best prefixes are left-aligned
-            weight_all = coef * active_all.to(x.dtype)  # coef where a block has this step, else 0
+            j_all = index.long().to(device)
+            active = j_all >= 0
+            n_steps = int(active.any(dim=0).sum())  # the best prefixes are left-aligned
+            weight_all = coef * active.to(dtype)  # coef where a block has this step, else 0
             jj_all = j_all.clamp_min(0)
-            for step in range(steps):
-                jj = jj_all[None, :, step, None].expand(m, -1, 1)
-                d = view.gather(2, jj).squeeze(2) - u * view.sum(dim=2)  # x_b . v, [m, blocks]
-                d = d * weight_all[:, step]
-                view.add_((u * d)[:, :, None])
-                view.scatter_add_(2, jj, -d[:, :, None])
-        return out
+            steps = [(jj_all[None, :, s, None].contiguous(), weight_all[:, s].contiguous()) for s in range(n_steps)]
+            if steps:
+                plan.append((start, blocks, size, u, steps))
+        self._plan = (key, plan)
+        return plan
+
+    def cache_nbytes(self) -> int:
+        """Bytes of the cached reflection plan (0 before first use)."""
+        cached = getattr(self, "_plan", None)
+        if cached is None:
+            return 0
+        return sum(t.numel() * t.element_size() for *_, steps in cached[1] for pair in steps for t in pair)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), ...: the plan is rebuilt for the new index
+        self._plan = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # pickling / deepcopy: the plan is a cache, not state
+        return {**self.__dict__, "_plan": None}
 
     def apply_inverse(self, w: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """w times blockdiag(R)^-1 (or R^-T), in w's dtype (use float64 when folding)."""
@@ -271,7 +307,7 @@ class DuQuantTransform(nn.Module):
     def apply_act(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x T (online side)."""
         if self.smooth is not None:
-            x = x / self.smooth.to(x.dtype)
+            x = x / (self.smooth if self.smooth.dtype == x.dtype else self.smooth.to(x.dtype))
         if self.rot1 is not None:
             x = self.rot1.apply(x)
         if self.perm is not None:
@@ -280,6 +316,10 @@ class DuQuantTransform(nn.Module):
 
     def restore_output(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.out_rot is None else self.out_rot.apply(y)
+
+    def cache_nbytes(self) -> int:
+        """Bytes the rotations cache between calls (their reflection plans)."""
+        return sum(r.cache_nbytes() for r in (self.rot1, self.rot2, self.out_rot) if r is not None)
 
     def fold_weight(self, w: torch.Tensor) -> torch.Tensor:
         """W [N, K] -> the weight the integer GEMM must use, so that (x T) W_t^T (restored) = x W^T."""

@@ -124,26 +124,34 @@ def _asym_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
 
 def quantize_activation(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torch.Tensor | None = None,
                         static_zero: torch.Tensor | None = None) -> QuantizedActivation:
-    """[M, K] float32 -> QuantizedActivation. Static (per-tensor) needs calibrated scale/zero."""
+    """[M, K] float32 -> QuantizedActivation. Static (per-tensor) needs calibrated scale/zero.
+
+    This runs on every QuantLinear call, so it is written as few passes as possible, in place on its
+    own temporaries; the arithmetic (and so every bit) is that of _asym_params and the order below."""
     qmin, qmax = signed_range(cfg.bits)
+    zero_f = None  # the zero point as float, for the add in the fixed order below
     if cfg.granularity == "per_token":
         if cfg.symmetric:
-            amax = x.abs().amax(dim=1, keepdim=True)
-            scale = (amax / qmax).clamp_min(MIN_SCALE)
+            scale = x.abs().amax(dim=1, keepdim=True).div_(qmax).clamp_min_(MIN_SCALE)
             zero = None
         else:
             # amax + amin: 16x faster than torch.aminmax(dim=1) on CPU in torch 2.13 (measured)
-            lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
-            scale, zero = _asym_params(lo, hi, cfg.bits)
+            levels = (1 << cfg.bits) - 1
+            lo = x.amin(dim=1, keepdim=True).clamp_(max=0.0)
+            hi = x.amax(dim=1, keepdim=True).clamp_(min=0.0)
+            scale = hi.sub_(lo).div_(levels).clamp_min_(MIN_SCALE)
+            zero_f = lo.neg_().div_(scale).round_().clamp_(0, levels).sub_(1 << (cfg.bits - 1))
+            scale, zero = scale.to(torch.float32), zero_f.to(torch.int32)
     else:
         if static_scale is None:
             raise ValueError("per-tensor activation quantization needs a calibrated scale")
         scale = static_scale.reshape(1, 1).to(torch.float32)
         zero = None if cfg.symmetric else static_zero.reshape(1, 1).to(torch.int32)
+        zero_f = None if zero is None else zero.to(torch.float32)
     # One fixed order of operations: q = clamp(round(x / scale) + zero); every backend shares it.
     q = torch.div(x, scale).round_()
-    if zero is not None:
-        q.add_(zero)
+    if zero_f is not None:
+        q.add_(zero_f)
     q = q.clamp_(qmin, qmax).to(torch.int8)
     return QuantizedActivation(q, scale, zero)
 

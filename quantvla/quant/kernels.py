@@ -251,6 +251,16 @@ def cpu_int4_mm(qx: torch.Tensor, packed: torch.Tensor, tile_bytes: int | None =
     m, n, half = qx.shape[0], packed.shape[0], packed.shape[1]
     budget = tile_bytes or CPU_SCRATCH_BYTES
     fp32 = cpu_gemm() == "fp32"
+    k = qx.shape[1]
+    if k == 2 * half and n * k <= budget and (not fp32 or k <= fp32_chunk(8)):
+        # The whole weight fits one tile (every small layer): unpack the halves into the scratch,
+        # join them into one [N, K] temporary and run a single GEMM on the unsplit activations.
+        scratch = _scratch(n * k)
+        lo, hi = unpack_int4_halves(packed, scratch[: n * half].view(n, half), scratch[n * half: n * k].view(n, half))
+        w = torch.cat([lo, hi], dim=1)
+        if fp32:
+            return F.linear(qx.to(torch.float32), w.to(torch.float32)).to(torch.int32)
+        return _int_mm(qx, w)
     if fp32:  # convert the activations once, not once per tile
         qx = qx.to(torch.float32)
     x_lo = qx[:, :half]

@@ -142,9 +142,13 @@ class QuantLinear(nn.Module):
         return x2, qa
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        # Every line below is one pass or none: no work here is the same on every call (the rotations'
+        # index work is cached in their plans), and no-op conversions are not dispatched.
         x = self._check_input(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.to(torch.float32)
         _, qa = self.quantize_input(x2)
         backend = backend or self.config.backend
         acc = kernels.int_linear(qa.q, self.qweight, self.in_features, self.config.weight.bits, backend,
@@ -161,7 +165,9 @@ class QuantLinear(nn.Module):
             y = self.transform.restore_output(y)
         if self.bias is not None:
             y.add_(self.bias)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*lead, self.out_features)
 
     def _prepacked_weight(self) -> kernels.PrepackedWeight | None:
         """The oneDNN copy of qweight, built on first use and rebuilt if qweight changed in place."""
@@ -200,12 +206,15 @@ class QuantLinear(nn.Module):
     def footprint(self) -> dict[str, int]:
         """Storage (what is saved and loaded) and resident (what stays alive between calls) bytes.
 
-        They are equal unless the opt-in 'onednn' backend has prepacked a W8 weight, whose copy
-        (about N*K bytes) then counts as resident. Nothing else is cached: no unpacked weight or
+        Resident adds two caches: the opt-in 'onednn' backend's prepacked W8 weight (about N*K
+        bytes), and the DuQuant rotations' reflection plans (two vectors of n_blocks per reflection
+        step, built on the first call). Nothing else is cached: no unpacked weight or
         rotation matrix; W4 weights are unpacked tile by tile into a per-thread scratch shared by
         all layers (kernels.scratch_nbytes(), at most kernels.CPU_SCRATCH_BYTES)."""
         storage = self.nbytes["total"]
         resident = sum(t.numel() * t.element_size() for t in list(self.buffers()) + list(self.parameters()))
+        if self.transform is not None:
+            resident += self.transform.cache_nbytes()
         if self._prepacked is not None:
             resident += self._prepacked.nbytes
         return {"storage": storage, "resident": resident}
