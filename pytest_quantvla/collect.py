@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import pytest
 
+from pytest_quantvla.results import CheckResult
 from quantvla.errors import QuantVLAError
+
+
+class Check(NamedTuple):
+    """A built-in check: its test id, the function that runs it (returns a CheckResult, or raises
+    CheckFailed), its markers, the kind of result it makes and what identifies it within that kind
+    (a LIBERO pair's suite, task and init): both are reported even when the check fails."""
+
+    name: str
+    run: Callable[[], CheckResult | None]
+    markers: tuple[Any, ...] = ()
+    kind: str = ""
+    identity: dict[str, Any] = {}  # noqa: RUF012 - never mutated
 
 
 class CheckFailed(AssertionError):
@@ -14,16 +28,19 @@ class CheckFailed(AssertionError):
 
 
 class CheckItem(pytest.Item):
-    def __init__(self, *, check: Callable[[], dict | None], markers=(), **kwargs):
+    def __init__(self, *, check: Check, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.check = check
-        for mark in markers:
+        for mark in check.markers:
             self.add_marker(mark)
 
     def runtest(self) -> None:
-        measured = self.check()
-        for key, value in (measured or {}).items():
-            self.user_properties.append((key, value))
+        # what the check is, first: a failing check's report carries it too
+        self.user_properties.append(("kind", self.check.kind))
+        self.user_properties.extend(self.check.identity.items())
+        result = self.check.run()
+        if result is not None:
+            self.user_properties.extend(result.to_dict().items())
 
     def repr_failure(self, excinfo, style=None):
         from pytest_quantvla.golden import GoldenError

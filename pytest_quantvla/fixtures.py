@@ -63,7 +63,7 @@ def quantvla_libero(pytestconfig):
     from quantvla.eval.protocols import protocol_for
 
     run = pytestconfig.stash[RUN_KEY]
-    protocol = protocol_for(run.model or "pi05")
+    protocol = protocol_for(run.model)
     opened = []
 
     def make(suite: str, task_id: int, **kwargs):

@@ -22,8 +22,8 @@ def folder(run) -> Path:
     the plugin for the reference quantizer and its presets, and <rootdir>/quantvla-golden for a
     third-party quantizer (its own regression baseline, recorded on its first run, for its owner to
     commit)."""
-    from pytest_quantvla.data import data_dir
     from pytest_quantvla.quantizers import is_reference
+    from quantvla.data import data_dir
 
     if run.golden_dir is not None:
         return run.golden_dir
@@ -33,11 +33,11 @@ def folder(run) -> Path:
 
 
 def golden_name(run) -> str:
-    q = run.quantizer if run.quantizer != "quantvla" else f"quantvla-{run.bits}"
+    q = run.quantizer_name
     if ":" in q or "." in q:
         q = q.replace(":", "_").replace(".", "_") + f"-{run.bits}"
     seed = f"-seed{run.seed}" if run.seed else ""
-    return f"{run.model}-{run.config}-{q}{seed}.json"
+    return f"{run.model}-{run.size}-{q}{seed}.json"
 
 
 def _close(a, b, rel, abs_):
@@ -99,4 +99,7 @@ def load(path: Path) -> dict | None:
 
 
 def write(path: Path, data: dict) -> None:
-    write_json_atomic(path, data)
+    """Stamped with the library version that measured it (compare() ignores the stamp)."""
+    from quantvla import __version__
+
+    write_json_atomic(path, {"quantvla_version": __version__, **data})

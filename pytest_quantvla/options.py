@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-MODELS = ("pi05", "gr00t-n15")
 BITS = ("w4a8", "w4a4", "w8a8", "w8a16", "w4a16")  # the same as quantvla.quantizer.BITS (a test says so)
 DEFAULT_BITS = "w4a8"
 # Weight-only settings (third-party quantizers only: the reference quantizes activations too) are
@@ -21,7 +20,7 @@ CONFIGS = ("trained", "tiny", "full")
 @dataclass(frozen=True)
 class RunConfig:
     model: str | None
-    config: str
+    size: str  # the model size: "trained" (a trained policy), "tiny" or "full" (--quantvla-config)
     bits: str
     device: str
     seed: int
@@ -43,6 +42,12 @@ class RunConfig:
         return WEIGHT_ONLY.get(self.bits, self.bits)
 
     @property
+    def quantizer_name(self) -> str:
+        """The quantizer as goldens and the paper's table name it ("quantvla" -> "quantvla-<bits>")."""
+        from quantvla.presets import preset_name
+        return preset_name(self.quantizer, self.bits)
+
+    @property
     def prefix(self) -> str:
         """Test-id prefix: quantvla/<model>/<bits>, plus the quantizer when it is not the reference."""
         q = "" if self.quantizer == "quantvla" else f"/{self.quantizer}"
@@ -53,7 +58,8 @@ RUN_KEY = pytest.StashKey[RunConfig]()
 
 # name, ini/CLI default, help, valid choices (None: free-form)
 _OPTIONS = [
-    ("model", None, "model under test: " + " | ".join(MODELS) + "; turns the built-in checks on", MODELS),
+    ("model", None, "model under test, a registered family (quantvla.families; an unknown name lists them); turns "
+                    "the built-in checks on", None),
     ("config", "trained", "trained (the default: the small LIBERO policy trained on expert demos, shipped in "
                           "golden/policies; object-state tokens stand in for the camera) | tiny (random weights, "
                           "images) | full (random weights, the real sizes)", CONFIGS),
@@ -106,6 +112,12 @@ def parse(config: pytest.Config) -> RunConfig:
             flag = f"--quantvla-{name.replace('_', '-')}"
             raise pytest.UsageError(f"{flag}={v!r} is not valid; choose one of: {', '.join(choices)}")
         values[name] = v
+    if values["model"] is not None:
+        from quantvla import families  # imported only here: it pulls in torch
+
+        if values["model"] not in families.names():
+            raise pytest.UsageError(f"--quantvla-model={values['model']!r} is not valid; choose one of: "
+                                    f"{', '.join(families.names())}")
     device = values["device"]
     if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
         raise pytest.UsageError(f"--quantvla-device={device!r} is not valid; use cpu, cuda or cuda:N")
@@ -170,12 +182,12 @@ def _bits_of(quantizer: str, bits: str | None) -> str:
 
 
 def _is_policy_folder(path: Path) -> bool:
-    from quantvla.tiny.policy import is_bundle  # imported only here: it pulls in torch
+    from quantvla.policy.bundle import is_bundle  # imported only here: it pulls in torch
     return is_bundle(path)
 
 
 def _episodes(raw: str) -> int:
-    from quantvla.eval.stats import parse_pairs
+    from quantvla.eval.gate import parse_pairs
     try:
         return parse_pairs(raw)
     except ValueError as err:
@@ -183,7 +195,7 @@ def _episodes(raw: str) -> int:
 
 
 def _margin(raw: str) -> float:
-    from quantvla.eval.stats import parse_margin
+    from quantvla.eval.gate import parse_margin
     try:
         return parse_margin(raw)
     except ValueError as err:

@@ -68,9 +68,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     from pytest_quantvla.checks import all_checks
 
     with_libero = selects_libero(config.option.markexpr or "")
-    checks = sorted(all_checks(run, with_libero), key=lambda c: c[0])
-    for name, check, markers in checks:
-        items.append(CheckItem.from_parent(session, name=name, nodeid=name, check=check, markers=markers))
+    checks = sorted(all_checks(run, with_libero), key=lambda c: c.name)
+    for check in checks:
+        items.append(CheckItem.from_parent(session, name=check.name, nodeid=check.name, check=check))
     from pytest_quantvla import subject
 
     subject.progress(f"quantvla: measure: {len(checks)} built-in checks (before -k/-m selection)")
@@ -111,10 +111,10 @@ class Reporter:
             entry["outcome"] = "failed"
             entry["message"] = str(report.longrepr)[-2000:]
         entry.update(dict(report.user_properties))
-        if "/libero[" in report.nodeid and report.when == "call":
-            self._progress(report.nodeid, entry)
+        if entry.get("kind") == "libero_pair" and report.when == "call":
+            self._progress(entry)
 
-    def _progress(self, nodeid: str, entry: dict) -> None:
+    def _progress(self, entry: dict) -> None:
         """One live line per finished pair: which, the running tally, and the time left."""
         import time
 
@@ -122,13 +122,13 @@ class Reporter:
         now = time.monotonic()
         if self._started is None:
             self._started = now - float(entry.get("fp_wall_s", 0) + entry.get("q_wall_s", 0))
-        pairs = [r for k, r in self.results.items() if "/libero[" in k]
+        pairs = [r for r in self.results.values() if r.get("kind") == "libero_pair"]
         total = run.episodes * len(run.suites or (None,))
         fp = sum(bool(r.get("fp_success")) for r in pairs)
         q = sum(bool(r.get("q_success")) for r in pairs)
         left = (now - self._started) / len(pairs) * max(0, total - len(pairs))
         mark = lambda ok: "ok" if ok else ("error" if ok is None else "--")  # noqa: E731
-        where = nodeid.split("/libero[")[1].rstrip("]")
+        where = f"{entry['suite']}/task{entry['task']}/init{entry['init']:02d}"
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
             tr.write_line(f"LIBERO {where}: FP {mark(entry.get('fp_success'))}, quantized "
@@ -137,11 +137,10 @@ class Reporter:
 
     def gate_verdicts(self) -> dict:
         """Per suite: the paired non-inferiority verdict over the LIBERO pairs that ran."""
-        from quantvla.eval.merge import gates_from_checks
+        from quantvla.eval.gate import gates
 
         run = self.config.stash[options.RUN_KEY]
-        quantizer = run.quantizer if run.quantizer != "quantvla" else f"quantvla-{run.bits}"
-        return gates_from_checks(self.results, run.model, quantizer, run.margin)
+        return gates(report.pair_records(self.results), run.model, run.quantizer_name, run.margin)
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
         """A failing gate fails the run; so does an inconclusive one unless the user accepts it.
@@ -149,10 +148,10 @@ class Reporter:
         run = self.config.stash[options.RUN_KEY]
         self.partial = exitstatus == pytest.ExitCode.INTERRUPTED or bool(session.shouldstop)
         self.verdicts = self.gate_verdicts()
-        inconclusive = any(v.verdict == "inconclusive" for v in self.verdicts.values())
+        inconclusive = any(v.decision == "inconclusive" for v in self.verdicts.values())
         if self.partial:
             return
-        if any(v.verdict == "fail" for v in self.verdicts.values()) or (inconclusive and not run.allow_inconclusive):
+        if any(v.decision == "fail" for v in self.verdicts.values()) or (inconclusive and not run.allow_inconclusive):
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
@@ -161,9 +160,9 @@ class Reporter:
         if run.model is not None and self.results:
             summarize(terminalreporter, run, self.results, verdicts, getattr(self, "partial", False))
         for suite, v in verdicts.items():
-            terminalreporter.write_line(f"LIBERO gate {suite}: {v.line()}", red=v.verdict == "fail",
-                                        yellow=v.verdict == "inconclusive", green=v.verdict == "pass")
-            if v.verdict == "inconclusive":
+            terminalreporter.write_line(f"LIBERO gate {suite}: {v.line()}", red=v.decision == "fail",
+                                        yellow=v.decision == "inconclusive", green=v.decision == "pass")
+            if v.decision == "inconclusive":
                 consequence = ("accepted (--quantvla-allow-inconclusive)" if run.allow_inconclusive else
                                "the run fails; pass --quantvla-allow-inconclusive to accept it")
                 terminalreporter.write_line(f"WARNING: the LIBERO gate {suite} decided nothing: {consequence}",
@@ -176,7 +175,7 @@ class Reporter:
 
 def summarize(terminalreporter, run, results: dict, verdicts: dict, partial: bool = False) -> None:
     tr = terminalreporter
-    tr.section(f"quantvla: {run.model} ({run.config}) {run.bits}, quantizer {run.quantizer}, seed {run.seed}")
+    tr.section(f"quantvla: {run.model} ({run.size}) {run.bits}, quantizer {run.quantizer}, seed {run.seed}")
     for r in results.values():
         if "golden_update" in r:
             tr.write_line(r["golden_update"])

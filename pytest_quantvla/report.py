@@ -8,61 +8,42 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from pytest_quantvla.results import CheckResult
 from quantvla.io import atomic_write, write_json_atomic
 
+# Result kinds: the classes live beside their checks (pytest_quantvla/checks/), imported when a
+# table is made (they pull in torch; an xdist controller never collects the checks itself).
+LAYER, PAIR = "layer_bounds", "libero_pair"
 
-def _row(nodeid: str, r: dict) -> list:
-    verdict = r["outcome"]
-    check = nodeid.split("/")[-1]
-    if "kernel_exact" in nodeid:
-        gemm = f" ({r['gemm']} GEMM)" if r.get("gemm") else ""
-        return [check, f"{r.get('probes', '-')} probes{gemm}", "int64 oracle, bit for bit", "quantvla.quant.kernels",
-                verdict]
-    if "memory[full" in nodeid and "saving" in r:
-        return [check, f"{r['fp16_gib']:.2f} -> {r['storage_gib']:.3f} GiB ({r['saving']:.1%} saved)",
-                f"<= {r['paper_quantized']} GB, >= {r['paper_saving']:.1%} saved",
-                "paper Table 2 (reference/paper.json)", verdict]
-    if "memory[" in nodeid and "saving" in r:
-        return [check, f"{r['fp16_bytes']} -> {r['storage_bytes']} B ({r['saving']:.1%} saved)",
-                f"<= {r['budget_bytes']} B", "bit-width + 32 B/channel", verdict]
-    if "golden_statistics" in nodeid and "action_mse" in r:
-        cosine = f", cos {r['action_cosine_min']:.4f}" if "action_cosine_min" in r else ""
-        golden = Path(r["golden"])
-        return [check, f"action MSE {r['action_mse']:.3g}{cosine}", golden.name, f"{golden.parent.name}/", verdict]
-    if "attention_drift" in nodeid and "logit_std_drift" in r:
-        return [check, f"std {r['logit_std_drift']:.4f}, rms {r['output_rms_drift']:.4f}",
-                f"reference std {r['reference_logit_std_drift']:.4f}, rms {r['reference_output_rms_drift']:.4f}",
-                "golden/ (quantvla)", verdict]
-    if "calibration_recovery" in nodeid and "atm_reduction" in r:
-        return [check, f"planted drift cut {r['atm_reduction']:.1f}x (ATM), {r['ohb_reduction']:.1f}x (OHB)",
-                ">= 2x each; alpha per head, clip, band", "pytest_quantvla/checks/calibration.py", verdict]
-    if "outlier_layer" in nodeid and "oracle_relative_error" in r:
-        return [check, f"rel. error {r['relative_error']:.4f}" + (
-                f"; peak/RMS {r['peak_to_rms_without_transform']:.1f} -> {r['peak_to_rms']:.1f}"
-                if "peak_to_rms" in r else ""),
-                f"<= 1.1 x plain grids {r['oracle_relative_error']:.4f}; transform exact",
-                "pytest_quantvla/checks/transform.py", verdict]
-    return [check, (r.get("message") or "").splitlines()[-1][:60] if verdict == "failed" else "-", "-", "-", verdict]
+
+def _register_kinds() -> None:
+    import pytest_quantvla.checks  # noqa: F401 - defines every CheckResult kind
+
+
+def _row(nodeid: str, entry: dict) -> list:
+    """A check's row: its result renders it; a check that failed shows the last line of its message."""
+    name, verdict = nodeid.split("/")[-1], entry["outcome"]
+    _register_kinds()
+    result = CheckResult.from_dict(entry)
+    if result is not None:
+        return result.row(name, verdict)
+    failure = (entry.get("message") or "").splitlines()[-1][:60] if verdict == "failed" else "-"
+    return [name, failure, "-", "-", verdict]
 
 
 def table(results: dict) -> str:
-    rows, layers = [], [r for k, r in results.items() if "/layer_bounds[" in k]
-    for nodeid, r in sorted(results.items()):
-        if "/layer_bounds[" not in nodeid and "/libero[" not in nodeid:
-            rows.append(_row(nodeid, r))
+    """The summary: a row per check, the layers in one row (LayerResult.summary_row), LIBERO pairs
+    left to the gate lines."""
+    from pytest_quantvla.checks.layers import LayerResult
+
+    rows, layers = [], []
+    for nodeid, entry in sorted(results.items()):
+        if entry.get("kind") == LAYER:
+            layers.append(entry)
+        elif entry.get("kind") != PAIR:
+            rows.append(_row(nodeid, entry))
     if layers:
-        rels = sorted(r["relative_error"] for r in layers if "relative_error" in r)  # a failed layer has none
-        sqnr = min((r["sqnr_db"] for r in layers if r.get("sqnr_db") is not None), default=None)
-        failed = sum(r["outcome"] != "passed" for r in layers)
-        limit = max((r["limit"] for r in layers if "limit" in r), default=None)
-        foreign = limit is not None or any("layer_error.json" in (r.get("message") or "") for r in layers)
-        held = "analytic bound per element" if not foreign else f"rel. error <= {limit or 'the bits limit'}"
-        measured = "-" if not rels else (f"rel. error median {rels[len(rels) // 2]:.4f}, max {rels[-1]:.4f}"
-                                         + (f" ({len(rels)} passed)" if failed else "")
-                                         + (f"; SQNR >= {sqnr:.1f} dB" if sqnr is not None else ""))
-        rows.append([f"layer_bounds ({len(layers)} layers)", measured, f"{held}; 1.25 x golden's error",
-                     "reference/layer_error.json" if foreign else "docs/quantizer.md",
-                     "passed" if not failed else f"{failed} failed"])
+        rows.append(LayerResult.summary_row(layers))
     if not rows:  # a run of LIBERO pairs only: the gate lines say it all
         return ""
     return tabulate(rows, headers=["check", "measured", "reference", "source", "verdict"])
@@ -71,28 +52,44 @@ def table(results: dict) -> str:
 def layer_table(results: dict) -> str:
     """One row per quantized layer (shown with -v): the same table for the reference's QuantLinear
     and for any library's layers."""
+    from pytest_quantvla.checks.layers import LayerResult
+
     rows = []
-    for nodeid, r in sorted(results.items()):
-        if "/layer_bounds[" in nodeid:
-            rows.append([nodeid.split("/layer_bounds[")[1].rstrip("]"), r.get("relative_error", "-"),
-                         r.get("sqnr_db", "-"), r.get("worst_adversarial_relative_error", "-"),
-                         r.get("limit", "analytic"), r.get("budget") or "-", r["outcome"]])
+    for entry in sorted((e for e in results.values() if e.get("kind") == LAYER), key=lambda e: e["layer"]):
+        result = CheckResult.from_dict(entry)
+        if isinstance(result, LayerResult):
+            rows.append(result.layer_row(entry["layer"], entry["outcome"]))
+        else:
+            rows.append([entry["layer"], "-", "-", "-", "-", "-", entry["outcome"]])
     if not rows:
         return ""
     return tabulate(rows, headers=["layer", "rel. error", "SQNR dB", "worst adversarial", "limit", "budget",
                                    "verdict"])
 
 
+def pair_records(results: dict) -> list:
+    """The LIBERO pairs of a run as the gate's records (quantvla.eval.gate.PairRecord), in a fixed
+    order (xdist delivers them in any)."""
+    from pytest_quantvla.checks.libero import pair_record
+
+    pairs = [pair_record(e) for e in results.values() if e.get("kind") == PAIR]
+    return sorted(pairs, key=lambda p: (p.suite, p.task, p.init))
+
+
 def write_json(path: Path, run, results: dict, verdicts: dict, partial: bool = False) -> None:
     """`partial`: the run was interrupted, so the checks and gates cover only what finished."""
-    write_json_atomic(path, {"run": {k: str(v) if v is not None else None for k, v in run.__dict__.items()},
+    from quantvla import __version__
+
+    write_json_atomic(path, {"quantvla_version": __version__,
+                             "run": {k: str(v) if v is not None else None for k, v in run.__dict__.items()},
                              "partial": partial, "checks": results,
+                             "pairs": [p.to_dict() for p in pair_records(results)],
                              "gates": {s: v.to_dict() for s, v in verdicts.items()}})
 
 
 def write_plot(path: Path, results: dict) -> bool:
     """PNG of per-block logit Std and output RMS: teacher, quantized, and before calibration."""
-    blocks = next((r["per_block"] for k, r in results.items() if k.endswith("/golden_statistics")
+    blocks = next((r["per_block"] for r in results.values() if r.get("kind") == "golden_statistics"
                    and r.get("per_block")), None)
     if not blocks:
         return False

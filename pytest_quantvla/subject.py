@@ -21,14 +21,12 @@ from torch import nn
 
 from pytest_quantvla import quantizers
 from pytest_quantvla.options import RunConfig
-from quantvla import CalibrationBuffer, QuantizationReport
+from quantvla import CalibrationBuffer, QuantizationReport, families
 from quantvla import quantize as quantize_model
 from quantvla.errors import QuantVLAError
 from quantvla.memory import quantized_component_names
-from quantvla.models import build
-from quantvla.models.checkpoint import load_checkpoint
+from quantvla.policy.bundle import Bundle, shipped_policy
 from quantvla.quantizer import accepts_report
-from quantvla.tiny.policy import Bundle, load_bundle, shipped_policy
 
 CALIBRATION_ENTRIES = 8
 HELD_OUT_ENTRIES = 8
@@ -71,7 +69,7 @@ def _phase(what: str):
 @functools.lru_cache(maxsize=2)
 def subject(run: RunConfig) -> Subject:
     torch.manual_seed(run.seed)
-    with _phase(f"build {run.model} ({run.config}) and its calibration buffers"):
+    with _phase(f"build {run.model} ({run.size}) and its calibration buffers"):
         fp, calibration, held_out, bundle = _build(run)
     with _phase(f"quantize with {run.quantizer} at {run.bits}"):
         quantized, report = _quantize(run, fp, calibration)
@@ -79,23 +77,17 @@ def subject(run: RunConfig) -> Subject:
 
 
 def _build(run: RunConfig):
-    bundle = None
-    if run.config == "trained":
-        bundle = load_bundle(policy_path(run))
-        if bundle.family != run.model:
-            raise QuantVLAError(f"{bundle.path} holds a {bundle.family} policy, not {run.model}")
-        fp = bundle.model.to(run.device).eval()
-        recorded = bundle.calibration()  # alternate entries (spread over tasks and phases): calibrate / hold out
+    checkpoint = policy_path(run) if run.size == "trained" else run.checkpoint
+    loaded = families.load_fp(run.model, run.size, checkpoint, entries=CALIBRATION_ENTRIES, seed=run.seed)
+    fp = loaded.model.to(run.device).eval()
+    if loaded.bundle is not None:  # alternate recorded entries (spread over tasks and phases): calibrate / hold out
+        recorded = loaded.calibration
         calibration = CalibrationBuffer(recorded.inputs[::2], recorded.noise[::2]).to(run.device)
         held_out = CalibrationBuffer(recorded.inputs[1::2], recorded.noise[1::2]).to(run.device)
     else:
-        fp = build(run.model, run.config)
-        if run.checkpoint is not None:
-            load_checkpoint(fp, run.checkpoint)
-        fp = fp.to(run.device).eval()
-        calibration = CalibrationBuffer.synthetic(fp, CALIBRATION_ENTRIES, seed=run.seed).to(run.device)
+        calibration = loaded.calibration.to(run.device)
         held_out = CalibrationBuffer.synthetic(fp, HELD_OUT_ENTRIES, seed=run.seed + 1).to(run.device)
-    return fp, calibration, held_out, bundle
+    return fp, calibration, held_out, loaded.bundle
 
 
 def _quantize(run: RunConfig, fp: nn.Module, calibration: CalibrationBuffer):

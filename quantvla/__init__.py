@@ -5,9 +5,11 @@ model families, calibration (ATM, OHB) and LIBERO evaluation.
     q = quantize(model, CalibrationBuffer.synthetic(model, 8), "quantvla-w4a8")
 """
 
+__version__ = "0.1.0"  # the one place it is written (pyproject reads it; goldens and reports carry it)
+
 from quantvla.api import QuantizationReport, calibrate, layout_filter, quantize, quantized_layer_names
 from quantvla.calibration.buffer import CalibrationBuffer
 from quantvla.presets import PRESETS, QuantConfig, preset
 
-__all__ = ["quantize", "calibrate", "quantized_layer_names", "layout_filter", "QuantizationReport",
+__all__ = ["__version__", "quantize", "calibrate", "quantized_layer_names", "layout_filter", "QuantizationReport",
            "CalibrationBuffer", "QuantConfig", "PRESETS", "preset"]

@@ -63,7 +63,7 @@ def _bench_models(args) -> int:
     from quantvla.presets import preset
 
     preset(args.quantizer)  # an unknown name is a clear error before anything is built
-    families = args.model or ["pi05", "gr00t-n15"]
+    families = args.model  # None: every registered family
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} models, FP {args.dtype} on "
           f"{args.device}, {args.quantizer}, {args.rounds} interleaved rounds")
@@ -86,9 +86,9 @@ def _bench_libero(args) -> int:
 
 
 def _libero(args) -> int:
-    from quantvla.eval import cli
+    from quantvla.eval import paired
 
-    suites = [cli.SUITE_NAMES.get(x.strip(), x.strip()) for x in args.suites.split(",") if x.strip()]
+    suites = [paired.SUITE_NAMES.get(x.strip(), x.strip()) for x in args.suites.split(",") if x.strip()]
     quantizers = [x.strip() for x in args.quantizer.split(",") if x.strip()]
     out = Path(args.json)
     if out.is_dir() or not out.parent.is_dir():
@@ -103,8 +103,8 @@ def _libero(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        report = cli.run(args.model, args.size, args.checkpoint, quantizers, suites, args.episodes, args.seed,
-                         args.margin, out, max_steps=args.max_steps, should_stop=lambda: bool(stop))
+        report = paired.run(args.model, args.size, args.checkpoint, quantizers, suites, args.episodes, args.seed,
+                            args.margin, out, max_steps=args.max_steps, should_stop=lambda: bool(stop))
     except KeyboardInterrupt:
         report = {"partial": True}
     finally:
@@ -126,15 +126,27 @@ def _libero(args) -> int:
 
 
 def _user_value(parser: str):
-    """An argparse type from one of quantvla.eval.stats' parsers (their message, exit 2), imported
+    """An argparse type from one of quantvla.eval.gate's parsers (their message, exit 2), imported
     only when the option is given (scipy is slow to import)."""
     def convert(text: str):
-        from quantvla.eval import stats
+        from quantvla.eval import gate
         try:
-            return getattr(stats, parser)(text)
+            return getattr(gate, parser)(text)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
     return convert
+
+
+_FAMILY_HELP = "a registered model family (quantvla.families)"
+
+
+def _family(name: str) -> str:
+    """An argparse type: a registered family name (an unknown one: the registered ones listed, exit 2)."""
+    from quantvla import families
+
+    if name not in families.names():
+        raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose one of: {', '.join(families.names())}")
+    return name
 
 
 def _merge(args) -> int:
@@ -157,10 +169,10 @@ def _tasks(text: str) -> list[int]:
 def _expert(args) -> int:
     from tabulate import tabulate
 
+    from quantvla.eval.gate import wilson
     from quantvla.eval.libero import TaskEnv
     from quantvla.eval.protocols import load_protocol
-    from quantvla.eval.stats import wilson
-    from quantvla.tiny.demos import ExpertPolicy
+    from quantvla.trained.demos import ExpertPolicy
 
     protocol = load_protocol(args.protocol)
     rows, report = [], {"suite": args.suite, "protocol": protocol.name, "tasks": {}}
@@ -187,7 +199,7 @@ def _expert(args) -> int:
 
 
 def _demos(args) -> int:
-    from quantvla.tiny.demos import generate
+    from quantvla.trained.demos import generate
 
     demos = generate(args.suite, _tasks(args.tasks), args.per_task, args.max_steps, args.workers,
                      args.noisy_share, args.noise)
@@ -199,9 +211,9 @@ def _demos(args) -> int:
 def _train_tiny(args) -> int:
     import torch
 
-    from quantvla.tiny.demos import Demos
-    from quantvla.tiny.policy import save_bundle
-    from quantvla.tiny.train import TrainConfig, train
+    from quantvla.policy.bundle import save_bundle
+    from quantvla.trained.demos import Demos
+    from quantvla.trained.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -234,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--json", help="also write the rows to this JSON file, and a PNG beside it")
     k.set_defaults(func=_bench_kernels)
     mb = bench_sub.add_parser("models", help="FP vs quantized: action-chunk latency, calibration time, memory")
-    mb.add_argument("--model", action="append", choices=["pi05", "gr00t-n15"], help="repeatable (default both)")
+    mb.add_argument("--model", action="append", type=_family, help="repeatable (default: every family)")
     mb.add_argument("--size", default="trained", choices=["trained", "tiny", "full"],
                     help="trained: the shipped policies (default); tiny, full: random weights")
     mb.add_argument("--quantizer", default="quantvla-w4a8", help="a preset (default quantvla-w4a8)")
@@ -253,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--json")
     lb.set_defaults(func=_bench_libero)
     lib = sub.add_parser("libero", help="paired FP / quantized LIBERO evaluation with the gate verdict")
-    lib.add_argument("--model", required=True, choices=["pi05", "gr00t-n15"])
+    lib.add_argument("--model", required=True, type=_family, help=_FAMILY_HELP)
     lib.add_argument("--size", default="tiny", choices=["tiny", "full"])
     lib.add_argument("--checkpoint", help="FP checkpoint (safetensors file or folder), or a trained policy folder "
                                           "(golden/policies/...): then its own tasks and calibration")
@@ -295,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("--out", required=True)
     de.set_defaults(func=_demos)
     tt = sub.add_parser("train-tiny", help="behaviour-clone a small state-based policy")
-    tt.add_argument("--model", required=True, choices=["pi05", "gr00t-n15"])
+    tt.add_argument("--model", required=True, type=_family, help=_FAMILY_HELP)
     tt.add_argument("--demos", required=True)
     tt.add_argument("--out", required=True)
     tt.add_argument("--steps", type=int, default=4000)
@@ -305,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     tt.add_argument("--threads", type=int)
     tt.set_defaults(func=_train_tiny)
     qz = sub.add_parser("quantize", help="quantize a model and write the artifact, printing its memory")
-    qz.add_argument("--model", required=True, choices=["pi05", "gr00t-n15"])
+    qz.add_argument("--model", required=True, type=_family, help=_FAMILY_HELP)
     qz.add_argument("--size", default="trained", choices=["trained", "tiny", "full"],
                     help="trained: a policy folder (default: the shipped one); tiny, full: a model checkpoint")
     qz.add_argument("--checkpoint", help="a trained-policy folder, or (with --size tiny|full) a safetensors "
@@ -334,12 +346,10 @@ def _quantize(args) -> int:
     import torch
     from tabulate import tabulate
 
-    from quantvla import CalibrationBuffer, preset, quantize
+    from quantvla import families, preset, quantize
     from quantvla.artifact import save_quantized
     from quantvla.memory import GIB, component_memory
-    from quantvla.models import build
-    from quantvla.models.checkpoint import load_checkpoint
-    from quantvla.tiny.policy import is_bundle, load_bundle, shipped_policy
+    from quantvla.policy.bundle import is_bundle, shipped_policy
 
     if ":" in args.quantizer:
         raise QuantVLAError(f"--quantizer {args.quantizer}: artifacts hold the reference quantizer's layers; a "
@@ -356,15 +366,8 @@ def _quantize(args) -> int:
         if not is_bundle(path):
             raise QuantVLAError(f"--checkpoint {path} is not a trained-policy folder (no policy.json); for a model "
                                 "checkpoint pass --size tiny or --size full, the size it was saved at")
-        bundle = load_bundle(path)
-        if bundle.family != args.model:
-            raise QuantVLAError(f"{path} holds a {bundle.family} policy, not {args.model}")
-        fp, calibration = bundle.model.eval(), bundle.calibration()
-    else:
-        fp = build(args.model, args.size)
-        if args.checkpoint:
-            load_checkpoint(fp, args.checkpoint)
-        calibration = CalibrationBuffer.synthetic(fp, args.entries, seed=args.seed)
+    loaded = families.load_fp(args.model, args.size, args.checkpoint, entries=args.entries, seed=args.seed)
+    fp, calibration = loaded.model, loaded.calibration
     print(f"{args.model} ({args.size}), {len(calibration)} calibration entries, {args.quantizer}")
     quantized = quantize(fp, calibration, config)
     took = time.perf_counter() - started

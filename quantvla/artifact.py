@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quantvla import families
 from quantvla.api import _set_module
 from quantvla.calibration.buffer import CalibrationBuffer
 from quantvla.errors import QuantVLAError
 from quantvla.io import atomic_write, tensor_digest, write_json_atomic
-from quantvla.models import FAMILIES
 from quantvla.presets import QuantConfig
 from quantvla.quant.linear import QuantLinear
 
@@ -78,7 +78,7 @@ def load_quantized(path, source: nn.Module | None = None, calibration: Calibrati
     problems = []
     if meta.get("format") != FORMAT:
         problems.append(f"format {meta.get('format')!r}, this library reads {FORMAT}")
-    if meta.get("family") not in FAMILIES:
+    if meta.get("family") not in families.names():
         raise ArtifactError(f"{path}: unknown model family {meta.get('family')!r}")
     if tensor_digest(tensors) != meta.get("tensors_sha256"):
         problems.append("the tensors' sha256 differs from the one recorded (file modified or corrupt)")
@@ -86,9 +86,9 @@ def load_quantized(path, source: nn.Module | None = None, calibration: Calibrati
         problems.append("it was not made from the given source model (source sha256 differs)")
     if calibration is not None and calibration.digest() != meta.get("calibration_sha256"):
         problems.append("it was not calibrated on the given buffer (calibration sha256 differs)")
-    cls, _ = FAMILIES[meta["family"]]
+    family = families.get(meta["family"])
     config = QuantConfig.from_dict(meta["quant_config"])
-    model = cls(_from_dict(_config_class(cls), meta["model_config"]))
+    model = family.model(_from_dict(family.config_class, meta["model_config"]))
     model.eval()
     mods = dict(model.named_modules())
     for name in meta["quantized"]:
@@ -114,7 +114,3 @@ def load_quantized(path, source: nn.Module | None = None, calibration: Calibrati
             t.copy_(tensors[k])
     model.quantvla_scales = {"alpha": meta["alpha"], "beta": meta["beta"]}
     return model
-
-
-def _config_class(cls):
-    return typing.get_type_hints(cls.__init__)["config"]

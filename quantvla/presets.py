@@ -79,4 +79,14 @@ def preset(name: str, **overrides) -> QuantConfig:
     return replace(PRESETS[name], **overrides)
 
 
-__all__ = ["QuantConfig", "PRESETS", "preset", "LAYOUT_QUANTVLA", "LAYOUT_FULL"]
+# The reference quantizer's bare name: QuantVLA at whatever bit-width the run asks for.
+REFERENCE = "quantvla"
+
+
+def preset_name(quantizer: str, bits: str) -> str:
+    """The name a run's quantizer goes by in goldens, the paper's table and gate reports: the bare
+    reference at w4a8 is "quantvla-w4a8"; any other quantizer keeps its own name."""
+    return f"{REFERENCE}-{bits}" if quantizer == REFERENCE else quantizer
+
+
+__all__ = ["QuantConfig", "PRESETS", "preset", "preset_name", "REFERENCE", "LAYOUT_QUANTVLA", "LAYOUT_FULL"]

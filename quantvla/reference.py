@@ -1,5 +1,4 @@
-"""The paper's numbers and the evaluation protocols, as data (reference/ in a source checkout,
-pytest_quantvla/reference in a wheel)."""
+"""The paper's numbers and the evaluation protocols, as data (reference/, found by quantvla.data)."""
 
 from __future__ import annotations
 
@@ -7,16 +6,11 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from quantvla.errors import QuantVLAError
-
-_ROOT = Path(__file__).resolve().parents[1]
+from quantvla.data import data_dir
 
 
 def reference_dir() -> Path:
-    for candidate in (_ROOT / "pytest_quantvla" / "reference", _ROOT / "reference"):
-        if candidate.is_dir():
-            return candidate
-    raise QuantVLAError("the reference/ data is missing next to the package; reinstall pytest-quantvla")
+    return data_dir("reference")
 
 
 @lru_cache(maxsize=1)

@@ -27,7 +27,7 @@ MODELS = ("pi05", "gr00t-n15")
 
 
 def run_for(model: str) -> RunConfig:
-    return RunConfig(model=model, config="trained", bits="w4a8", device="cpu", seed=0, quantizer="quantvla",
+    return RunConfig(model=model, size="trained", bits="w4a8", device="cpu", seed=0, quantizer="quantvla",
                      checkpoint=None, golden_dir=None, update_golden=False, report=None)
 
 
@@ -244,9 +244,10 @@ def clear_caches() -> None:
 def first_kill(models=MODELS) -> tuple[str, str] | None:
     """(check id, why) of the first built-in check that fails, or None when every check passes."""
     for model in models:
-        for check_id, fn, _marks in checks.all_checks(run_for(model)):
+        for check in checks.all_checks(run_for(model)):
+            check_id = check.name
             try:
-                fn()
+                check.run()
             except CheckFailed as err:
                 return check_id, str(err).splitlines()[0][:300]
             except pytest.skip.Exception:

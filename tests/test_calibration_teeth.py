@@ -12,7 +12,7 @@ from pytest_quantvla.options import RunConfig
 from pytest_quantvla.subject import uncalibrated
 from tests import teeth
 
-RUN = RunConfig(model="pi05", config="trained", bits="w4a8", device="cpu", seed=0, quantizer="quantvla",
+RUN = RunConfig(model="pi05", size="trained", bits="w4a8", device="cpu", seed=0, quantizer="quantvla",
                 checkpoint=None, golden_dir=None, update_golden=False, report=None)
 
 
@@ -28,7 +28,7 @@ FAULTS = {name: (v.target, v.replacement) for name, v in teeth.VARIANTS.items()
 
 def test_reference_calibration_passes():
     measured = check.calibration_recovery(RUN)
-    assert measured["atm_reduction"] >= 2 and measured["ohb_reduction"] >= 2
+    assert measured.atm_reduction >= 2 and measured.ohb_reduction >= 2
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from quantvla.eval.protocols import load_protocol
-from quantvla.eval.stats import (
+from quantvla.eval.gate import (
     confidence_limits,
     decide,
     detectable_regression,
@@ -15,6 +14,7 @@ from quantvla.eval.stats import (
     tango_z,
     wilson,
 )
+from quantvla.eval.protocols import load_protocol
 
 
 def test_wilson_matches_the_closed_form():
@@ -63,7 +63,7 @@ def test_the_gate_reports_its_decision():
         for _ in range(4):
             fp, q = pairs(rng, n, *cells)
             v = paired_gate(fp, q, paper_delta=0.0, margin=0.10)
-            assert v.verdict == decide(*table(fp, q), n, -0.10)[0]
+            assert v.decision == decide(*table(fp, q), n, -0.10)[0]
 
 
 # On the boundary Delta = delta0 = -0.10: FP near 1 (LIBERO policies), near 0.5, and between.
@@ -93,38 +93,38 @@ def test_power_at_no_true_difference_is_measured_for_the_default_and_grows_with_
 def test_agreeing_pairs_are_underpowered_not_a_pass():
     """Every pair agreeing used to give p = 0; 0 losses in 20 pairs still allow ~14% (rule of three)."""
     v = paired_gate([True] * 20, [True] * 20, paper_delta=0.0, margin=0.10)
-    assert v.verdict == "inconclusive" and "underpowered" in v.reason
+    assert v.decision == "inconclusive" and "underpowered" in v.reason
     assert v.detectable == pytest.approx(1 - 0.05 ** (1 / 20), abs=2e-3)  # 0.139
     assert v.detectable == pytest.approx(detectable_regression(20, 0.0))
     assert "smallest detectable regression 0.139" in v.line()
     v50 = paired_gate([True] * 50, [True] * 50, paper_delta=0.0, margin=0.10)
-    assert v50.verdict == "pass" and v50.detectable < 0.10
+    assert v50.decision == "pass" and v50.detectable < 0.10
 
 
 def test_gate_passes_an_equal_quantizer_and_fails_a_broken_one():
     fp = [True] * 40 + [False] * 10
-    assert paired_gate(fp, list(fp), paper_delta=0.0, margin=0.10).verdict == "pass"
+    assert paired_gate(fp, list(fp), paper_delta=0.0, margin=0.10).decision == "pass"
     v = paired_gate(fp, [False] * 50, paper_delta=0.0, margin=0.10)
-    assert v.verdict == "fail" and v.mean_difference == -0.8 and v.losses == 40
+    assert v.decision == "fail" and v.mean_difference == -0.8 and v.losses == 40
 
 
 def test_gate_is_inconclusive_near_the_margin_and_with_simulator_errors():
     fp = [True] * 30
     q = [True] * 27 + [False] * 3  # -10 points, exactly at a 10-point margin
-    assert paired_gate(fp, q, 0.0, 0.10).verdict == "inconclusive"
+    assert paired_gate(fp, q, 0.0, 0.10).decision == "inconclusive"
     v = paired_gate([True] * 50, [True] * 49 + [None], 0.0, 0.1)
-    assert v.verdict == "inconclusive" and "simulator error" in v.reason
+    assert v.decision == "inconclusive" and "simulator error" in v.reason
     assert v.quantized.successes == 49  # an errored episode is never a success
 
 
 def test_a_quantized_policy_that_errors_where_fp_runs_fails_the_gate():
     fp, q = [True] * 4, [False] * 4
     v = paired_gate(fp, q, 0.0, 0.1, q_errors=[True] * 4)  # 4 pairs: too few for any statistic
-    assert v.verdict == "fail" and "errored in 4 pairs" in v.reason
+    assert v.decision == "fail" and "errored in 4 pairs" in v.reason
     # the same errors on both arms are failures of both, not a verdict against quantization
     both = paired_gate([True] * 49 + [False], [True] * 49 + [False], 0.0, 0.1, fp_errors=[False] * 49 + [True],
                        q_errors=[False] * 49 + [True])
-    assert both.verdict == "pass" and both.policy_errors == {"fp": 1, "quantized": 1}
+    assert both.decision == "pass" and both.policy_errors == {"fp": 1, "quantized": 1}
 
 
 def test_confidence_limits_bracket_the_estimate_and_match_the_verdicts():
@@ -134,14 +134,14 @@ def test_confidence_limits_bracket_the_estimate_and_match_the_verdicts():
     # passing at delta0 means the lower limit lies above it, failing that the upper one lies below
     for fp, q in (([True] * 50, [True] * 50), ([True] * 50, [True] * 36 + [False] * 14)):
         v = paired_gate(fp, q, 0.0, 0.10)
-        assert (v.verdict == "pass") == (v.lower_bound > v.delta0)
-        assert (v.verdict == "fail") == (v.upper_bound < v.delta0)
+        assert (v.decision == "pass") == (v.lower_bound > v.delta0)
+        assert (v.decision == "fail") == (v.upper_bound < v.delta0)
 
 
 def test_gate_uses_the_papers_delta():
     fp = [True] * 25 + [False] * 25
     # the paper claims +2.5 points; with a 1-point margin, delta0 = +1.5 points: equal is not enough
-    assert paired_gate(fp, list(fp), paper_delta=0.025, margin=0.01).verdict != "pass"
+    assert paired_gate(fp, list(fp), paper_delta=0.025, margin=0.01).decision != "pass"
 
 
 def test_unpaired_outcomes_are_an_error():

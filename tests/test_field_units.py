@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from quantvla import CalibrationBuffer, quantize
+from quantvla.drift import paired_statistics
 from quantvla.models import build
 from quantvla.quant.bounds import relative_error, sqnr_db
-from quantvla.stats import paired_statistics
 
 
 def test_sqnr_is_torchaos_decibels():

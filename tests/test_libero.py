@@ -6,7 +6,8 @@ import pytest
 
 pytest.importorskip("libero.libero", reason="needs the libero extra: pip install 'pytest-quantvla[libero]'")
 
-from quantvla.eval.libero import TaskEnv, gate_outcome  # noqa: E402
+from quantvla.eval.gate import gate_outcome  # noqa: E402
+from quantvla.eval.libero import TaskEnv  # noqa: E402
 from quantvla.eval.protocols import load_protocol  # noqa: E402
 
 pytestmark = pytest.mark.libero

@@ -7,14 +7,14 @@ import pytest
 from quantvla.__main__ import main
 from quantvla.eval.merge import merge
 
-RUN = {"model": "pi05", "config": "tiny", "bits": "w4a8", "quantizer": "quantvla", "seed": "0", "margin": "0.1"}
+RUN = {"model": "pi05", "size": "tiny", "bits": "w4a8", "quantizer": "quantvla", "seed": "0", "margin": "0.1"}
 
 
 def _report(path, suite, ks, lose_every=0):
-    checks = {f"quantvla/pi05/w4a8/libero[{suite}/task{k % 10}/init{k // 10:02d}]":
-              {"outcome": "passed", "fp_success": True, "q_success": not (lose_every and k % lose_every == 0)}
-              for k in ks}
-    path.write_text(json.dumps({"run": RUN, "checks": checks, "gates": {}}))
+    pairs = [{"suite": suite, "task": k % 10, "init": k // 10, "fp": True,
+              "quantized": not (lose_every and k % lose_every == 0), "fp_policy_error": False, "q_policy_error": False}
+             for k in ks]
+    path.write_text(json.dumps({"run": RUN, "checks": {}, "pairs": pairs, "gates": {}}))
     return path
 
 

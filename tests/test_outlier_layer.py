@@ -16,14 +16,14 @@ from tests import teeth
 
 
 def _run(quantizer: str, bits: str = "w4a8") -> RunConfig:
-    return RunConfig(model="pi05", config="trained", bits=bits, device="cpu", seed=0, quantizer=quantizer,
+    return RunConfig(model="pi05", size="trained", bits=bits, device="cpu", seed=0, quantizer=quantizer,
                      checkpoint=None, golden_dir=None, update_golden=False, report=None)
 
 
 @pytest.mark.parametrize("quantizer", [p for p in PRESETS if PRESETS[p].linear is not None])
 def test_every_preset_passes(quantizer):
     result = transform.outlier_layer(_run(quantizer))
-    assert result["relative_error"] <= transform.ORACLE_FACTOR * result["oracle_relative_error"]
+    assert result.relative_error <= transform.ORACLE_FACTOR * result.oracle_relative_error
 
 
 def test_the_rotation_matrix_is_orthogonal_and_not_symmetric_with_probe_reflections():

@@ -167,6 +167,12 @@ def test_report_json_is_written_once(pytester):
     assert 0.9 < data["checks"]["quantvla/pi05/w4a8/golden_statistics"]["action_cosine_min"] <= 1.0
 
 
+def _pair(suite, k, fp, q, tasks=10):
+    """A pair item's entry as the controller receives it (kind, identity, the result's fields)."""
+    return {"outcome": "passed", "kind": "libero_pair", "suite": suite, "task": k % tasks, "init": k // tasks,
+            "fp_success": fp, "q_success": q, "fp_policy_error": False, "q_policy_error": False}
+
+
 def test_libero_gate_verdicts_are_decided_once_from_the_pairs():
     """The controller's aggregation: pair outcomes in, one verdict per suite out, and a failing
     verdict fails the session (the pairs themselves run on the real simulator with -m libero)."""
@@ -179,13 +185,13 @@ def test_libero_gate_verdicts_are_decided_once_from_the_pairs():
 
     reporter = Reporter(Config())
     for k in range(50):
-        reporter.results[f"quantvla/pi05/w4a8/libero[libero_spatial/task{k % 10}/init{k // 10:02d}]"] = {
-            "outcome": "passed", "fp_success": True, "q_success": k % 2 == 0}  # the quantized model loses half
-        reporter.results[f"quantvla/pi05/w4a8/libero[libero_object/task{k % 10}/init{k // 10:02d}]"] = {
-            "outcome": "passed", "fp_success": k < 40, "q_success": k < 40}
+        reporter.results[f"quantvla/pi05/w4a8/libero[libero_spatial/task{k % 10}/init{k // 10:02d}]"] = _pair(
+            "libero_spatial", k, True, k % 2 == 0)  # the quantized model loses half
+        reporter.results[f"quantvla/pi05/w4a8/libero[libero_object/task{k % 10}/init{k // 10:02d}]"] = _pair(
+            "libero_object", k, k < 40, k < 40)
     verdicts = reporter.gate_verdicts()
-    assert verdicts["libero_spatial"].verdict == "fail"
-    assert verdicts["libero_object"].verdict == "pass"
+    assert verdicts["libero_spatial"].decision == "fail"
+    assert verdicts["libero_object"].decision == "pass"
     # the paper's delta for pi0.5 W4A8 on libero_object is -1.0 point: delta0 = -0.01 - 0.1
     assert verdicts["libero_object"].delta0 == pytest.approx(-0.11)
 
@@ -213,8 +219,8 @@ def test_an_inconclusive_gate_fails_the_run_unless_accepted(allow, interrupted, 
 
     reporter = Reporter(Config())
     for k in range(20):  # 20 agreeing pairs: 0 losses still allow a 14% loss rate
-        reporter.results[f"quantvla/pi05/w4a8/libero[libero_object/task{k % 5}/init{k // 5:02d}]"] = {
-            "outcome": "passed", "fp_success": True, "q_success": True}
+        reporter.results[f"quantvla/pi05/w4a8/libero[libero_object/task{k % 5}/init{k // 5:02d}]"] = _pair(
+            "libero_object", k, True, True, tasks=5)
 
     class Session:
         exitstatus = pytest.ExitCode.INTERRUPTED if interrupted else pytest.ExitCode.OK
@@ -222,7 +228,7 @@ def test_an_inconclusive_gate_fails_the_run_unless_accepted(allow, interrupted, 
 
     session = Session()
     reporter.pytest_sessionfinish(session, session.exitstatus)
-    assert reporter.verdicts["libero_object"].verdict == "inconclusive"
+    assert reporter.verdicts["libero_object"].decision == "inconclusive"
     assert "underpowered" in reporter.verdicts["libero_object"].reason
     assert session.exitstatus == expected and reporter.partial == interrupted
 

@@ -6,7 +6,7 @@ import torch
 
 from quantvla.errors import QuantVLAError
 from quantvla.models import build
-from quantvla.models.policy import (
+from quantvla.policy.adapters import (
     HFTokenizer,
     LiberoAdapter,
     NormStats,

@@ -204,7 +204,7 @@ def test_calibration_buffer_round_trip(setup, tmp_path):
 def test_buffer_recorded_from_observations_through_the_models_pipeline():
     import numpy as np
 
-    from quantvla.eval.policy import ModelPolicy
+    from quantvla.policy.model_policy import ModelPolicy
     torch.manual_seed(0)
     model = build("pi05", "tiny")
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ import torch
 
 from quantvla.__main__ import main
 from quantvla.artifact import load_quantized
-from quantvla.tiny.policy import load_bundle, shipped_policy
+from quantvla.policy.bundle import load_bundle, shipped_policy
 
 
 def test_quantize_writes_an_artifact_that_loads_to_the_same_actions(tmp_path, capsys):

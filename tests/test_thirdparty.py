@@ -12,7 +12,7 @@ from torch import nn
 from pytest_quantvla.checks.memory import budget
 from quantvla import CalibrationBuffer, preset, quantized_layer_names
 from quantvla.memory import COMPONENT_ROLES, component_memory, is_quantized, quantized_component_names
-from quantvla.tiny.policy import load_bundle, shipped_policy
+from quantvla.policy.bundle import load_bundle, shipped_policy
 
 pytest_plugins = ["pytester"]
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_quantvla.data import data_dir
+from quantvla.data import data_dir
 from quantvla.errors import QuantVLAError
 from quantvla.eval.expert import quat_to_mat, rotation_vector, top_down
 from quantvla.models import gr00t_n15, pi05
-from quantvla.tiny.demos import Demos
-from quantvla.tiny.features import NUM_OBJECTS, OBJECT_DIM, object_tokens
-from quantvla.tiny.policy import config_from_dict, is_bundle, load_bundle, save_bundle
-from quantvla.tiny.train import TrainConfig, chunk_index, split, train
+from quantvla.policy.bundle import config_from_dict, is_bundle, load_bundle, save_bundle
+from quantvla.policy.state import NUM_OBJECTS, OBJECT_DIM, object_tokens
+from quantvla.trained.demos import Demos
+from quantvla.trained.train import TrainConfig, chunk_index, split, train
 
 POLICIES = data_dir("golden") / "policies"
 FAMILIES = ["pi05", "gr00t-n15"]
@@ -146,8 +146,8 @@ def test_shipped_policy_succeeds_on_an_official_init_state(family):
     """The FP policy, through the real runner and its family's protocol, on libero_object."""
     pytest.importorskip("libero.libero", reason="needs the libero extra")
     from quantvla.eval.libero import TaskEnv
-    from quantvla.eval.policy import ModelPolicy
     from quantvla.eval.protocols import protocol_for
+    from quantvla.policy.model_policy import ModelPolicy
 
     bundle = load_bundle(POLICIES / f"{family}-tiny-state")
     env = TaskEnv("libero_object", bundle.meta["tasks"][0], protocol_for(family))
@@ -165,7 +165,7 @@ def test_expert_demos_and_the_expert_on_an_official_init_state(tmp_path):
     pytest.importorskip("libero.libero", reason="needs the libero extra")
     from quantvla.eval.libero import TaskEnv
     from quantvla.eval.protocols import load_protocol
-    from quantvla.tiny.demos import ExpertPolicy, generate
+    from quantvla.trained.demos import ExpertPolicy, generate
 
     demos = generate("libero_object", [2], 1, workers=1, log=lambda *_: None)
     assert demos.tasks == [2] and len(demos.actions) == len(demos.objects) > 50

@@ -1,14 +1,13 @@
-"""Built-in checks: plain functions over the library, listed as (id, callable, markers)."""
+"""Built-in checks: plain functions over the library, each listed as a Check (id, function,
+markers, result kind); each returns a typed result (pytest_quantvla.results) or raises CheckFailed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from pytest_quantvla.checks import calibration, drift, golden, kernels, layers, libero, memory, transform
-from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.collect import Check, CheckFailed
 from pytest_quantvla.options import RunConfig
-
-Check = tuple[str, Callable[[], dict | None], tuple]
 
 
 def all_checks(run: RunConfig, with_libero: bool = False) -> Iterator[Check]:
@@ -19,13 +18,13 @@ def all_checks(run: RunConfig, with_libero: bool = False) -> Iterator[Check]:
         from pytest_quantvla.subject import subject
         subject(run)  # build the model and quantize it once, here, so a failure is reported once
     except Exception as err:  # noqa: BLE001 - shown to the user as one failing check, not a traceback
-        message = f"could not build or quantize {run.model} ({run.config}) with {run.quantizer}: " \
+        message = f"could not build or quantize {run.model} ({run.size}) with {run.quantizer}: " \
                   f"{type(err).__name__}: {err}"
 
-        def failed():
+        def failed() -> None:
             raise CheckFailed(message)
 
-        yield f"{run.prefix}/quantize", failed, ()
+        yield Check(f"{run.prefix}/quantize", failed, kind="quantize")
         return
     yield from memory.checks(run)
     yield from golden.checks(run)

@@ -24,16 +24,18 @@ import copy
 import dataclasses
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from pytest_quantvla.checks.drift import worst_drift
-from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.collect import Check, CheckFailed
 from pytest_quantvla.quantizers import preset_for
+from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject, uncalibrated
 from quantvla import CalibrationBuffer, calibrate
 from quantvla.calibration.scales import observing
-from quantvla.stats import paired_statistics
+from quantvla.drift import paired_statistics
 
 # log of the planted factors, cycled over every head (temperature) and every site (energy)
 TEMPERATURE_LOGS = (0.0, 0.18, -0.15, 0.45, -0.22, 0.10)
@@ -92,7 +94,23 @@ def _fig3(stats: dict) -> list[dict]:
              "rms_drift": abs(math.log(s["student_rms"] / s["teacher_rms"]))} for s in stats["sites"]]
 
 
-def calibration_recovery(run) -> dict:
+@dataclass(kw_only=True)
+class RecoveryResult(CheckResult):
+    """extra: the drifts and action errors planted / after ATM / after OHB, and per block."""
+
+    kind = "calibration_recovery"
+    source = "pytest_quantvla/checks/calibration.py"
+    atm_reduction: float
+    ohb_reduction: float
+
+    def measured(self) -> str:
+        return f"planted drift cut {self.atm_reduction:.1f}x (ATM), {self.ohb_reduction:.1f}x (OHB)"
+
+    def reference(self) -> str:
+        return ">= 2x each; alpha per head, clip, band"
+
+
+def calibration_recovery(run) -> RecoveryResult:
     s = subject(run)
     # a few entries keep this check to seconds; the paper's 128 denoising calls are the preset's default
     steps_per_entry = preset_for(run.quantizer, run.bits).denoising_steps or s.fp.config.num_steps
@@ -162,16 +180,17 @@ def calibration_recovery(run) -> dict:
                "after_atm_std_drift": round(a["std_drift"], 4), "planted_rms_drift": round(b["rms_drift"], 4),
                "after_atm_rms_drift": round(a["rms_drift"], 4), "after_ohb_rms_drift": round(o["rms_drift"], 4)}
               for b, a, o in zip(*(_fig3(stats[k]) for k in ("planted", "atm", "both")), strict=True)]
-    return {"logit_std_drift_planted": round(drift["planted"]["logit_std"][0], 4),
-            "logit_std_drift_after_atm": round(drift["atm"]["logit_std"][0], 4),
-            "output_rms_drift_after_atm": round(drift["atm"]["output_rms"][0], 4),
-            "output_rms_drift_after_ohb": round(drift["both"]["output_rms"][0], 4),
-            "atm_reduction": round(std_cut, 2), "ohb_reduction": round(rms_cut, 2),
-            "action_mse_planted": mse["planted"], "action_mse_after_atm": mse["atm"],
-            "action_mse_calibrated": mse["both"], "per_block": blocks}
+    return RecoveryResult(atm_reduction=round(std_cut, 2), ohb_reduction=round(rms_cut, 2), extra={
+        "logit_std_drift_planted": round(drift["planted"]["logit_std"][0], 4),
+        "logit_std_drift_after_atm": round(drift["atm"]["logit_std"][0], 4),
+        "output_rms_drift_after_atm": round(drift["atm"]["output_rms"][0], 4),
+        "output_rms_drift_after_ohb": round(drift["both"]["output_rms"][0], 4),
+        "action_mse_planted": mse["planted"], "action_mse_after_atm": mse["atm"],
+        "action_mse_calibrated": mse["both"], "per_block": blocks})
 
 
 def checks(run):
     cfg = preset_for(run.quantizer, run.bits)
     if cfg is not None and cfg.linear is not None and cfg.atm and cfg.ohb:
-        yield f"{run.prefix}/calibration_recovery", functools.partial(calibration_recovery, run), ()
+        yield Check(f"{run.prefix}/calibration_recovery", functools.partial(calibration_recovery, run),
+                    kind=RecoveryResult.kind)

@@ -10,13 +10,31 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from dataclasses import dataclass
 
 from pytest_quantvla import golden
 from pytest_quantvla.checks.golden import measure
-from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.collect import Check, CheckFailed
+from pytest_quantvla.results import CheckResult
 
 DRIFT_FACTOR = 1.5
 DRIFT_SLACK = 0.005
+
+
+@dataclass(kw_only=True)
+class DriftResult(CheckResult):
+    kind = "attention_drift"
+    source = "golden/ (quantvla)"
+    logit_std_drift: float
+    output_rms_drift: float
+    reference_logit_std_drift: float
+    reference_output_rms_drift: float
+
+    def measured(self) -> str:
+        return f"std {self.logit_std_drift:.4f}, rms {self.output_rms_drift:.4f}"
+
+    def reference(self) -> str:
+        return f"reference std {self.reference_logit_std_drift:.4f}, rms {self.reference_output_rms_drift:.4f}"
 
 
 def worst_drift(stats: dict) -> dict:
@@ -30,13 +48,13 @@ def worst_drift(stats: dict) -> dict:
     return {"logit_std": std, "output_rms": rms}
 
 
-def attention_drift(run) -> dict:
+def attention_drift(run) -> DriftResult:
     ref_run = dataclasses.replace(run, quantizer="quantvla", bits=run.reference_bits)
     path = golden.folder(ref_run) / golden.golden_name(ref_run)
     reference = golden.load(path)
     if reference is None:
         raise CheckFailed(f"no reference golden at {path}; create it with: pytest --quantvla-model={run.model} "
-                          f"--quantvla-config={run.config} --quantvla-bits={ref_run.bits} --quantvla-update-golden "
+                          f"--quantvla-config={run.size} --quantvla-bits={ref_run.bits} --quantvla-update-golden "
                           "-k golden_statistics")
     got, ref = worst_drift(measure(run)), worst_drift(reference)
     problems = []
@@ -49,10 +67,10 @@ def attention_drift(run) -> dict:
                             f"quantvla-{ref_run.bits}'s {ref_value:.4f})")
     if problems:
         raise CheckFailed("; ".join(problems))
-    return {"logit_std_drift": round(got["logit_std"][0], 6), "output_rms_drift": round(got["output_rms"][0], 6),
-            "reference_logit_std_drift": round(ref["logit_std"][0], 6),
-            "reference_output_rms_drift": round(ref["output_rms"][0], 6)}
+    return DriftResult(logit_std_drift=round(got["logit_std"][0], 6), output_rms_drift=round(got["output_rms"][0], 6),
+                       reference_logit_std_drift=round(ref["logit_std"][0], 6),
+                       reference_output_rms_drift=round(ref["output_rms"][0], 6))
 
 
 def checks(run):
-    yield f"{run.prefix}/attention_drift", functools.partial(attention_drift, run), ()
+    yield Check(f"{run.prefix}/attention_drift", functools.partial(attention_drift, run), kind=DriftResult.kind)

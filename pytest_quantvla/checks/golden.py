@@ -5,20 +5,42 @@ golden/<model>-<config>-<quantizer>.json."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from pathlib import Path
 
 from pytest_quantvla import golden
 from pytest_quantvla import subject as subject_module
 from pytest_quantvla.checks import layers
-from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.collect import Check, CheckFailed
 from pytest_quantvla.quantizers import is_reference, preset_for
+from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject
-from quantvla.stats import paired_statistics
+from quantvla.drift import paired_statistics
+
+
+@dataclass(kw_only=True)
+class GoldenResult(CheckResult):
+    """extra: action_cosine_mean, per_block (the paper's Fig. 3), golden_update (what was written)."""
+
+    kind = "golden_statistics"
+    action_mse: float
+    action_cosine_min: float
+    golden: str  # the golden file compared with (or written)
+
+    def measured(self) -> str:
+        return f"action MSE {self.action_mse:.3g}, cos {self.action_cosine_min:.4f}"
+
+    def reference(self) -> str:
+        return Path(self.golden).name
+
+    def row(self, name: str, verdict: str) -> list[str]:
+        return [name, self.measured(), self.reference(), f"{Path(self.golden).parent.name}/", verdict]
 
 
 def measure(run) -> dict:
     s = subject(run)
     stats = paired_statistics(s.fp, s.quantized, s.held_out)
-    return {"model": run.model, "config": run.config, "quantizer": run.quantizer, "bits": run.bits,
+    return {"model": run.model, "config": run.size, "quantizer": run.quantizer, "bits": run.bits,
             "seed": run.seed, "quantized_layers": len(s.quantized_layers()), **stats}
 
 
@@ -45,16 +67,16 @@ def per_block(run, stats: dict) -> list[dict]:
     return rows
 
 
-def golden_statistics(run) -> dict:
+def golden_statistics(run) -> GoldenResult:
     folder = golden.folder(run)
     path = folder / golden.golden_name(run)
     got = {**measure(run), "layer_relative_error": layers.layer_errors(run)}
-    summary = {"action_mse": got["action_mse"], "action_cosine_mean": got["action_cosine_mean"],
-               "action_cosine_min": got["action_cosine_min"], "golden": str(path), "per_block": per_block(run, got)}
+    summary = GoldenResult(action_mse=got["action_mse"], action_cosine_min=got["action_cosine_min"], golden=str(path),
+                           extra={"action_cosine_mean": got["action_cosine_mean"], "per_block": per_block(run, got)})
     if run.update_golden:
         changes = _changes(path, got)
         _write(path, got)
-        summary["golden_update"] = f"wrote {path}: " + "; ".join(changes[:10]) + (
+        summary.extra["golden_update"] = f"wrote {path}: " + "; ".join(changes[:10]) + (
             f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
         return summary
     expected = golden.load(path)
@@ -62,10 +84,10 @@ def golden_statistics(run) -> dict:
         # A third-party quantizer's first run: the checks against FP and the paper decide; its own
         # regression baseline is what it measured now, recorded for later runs to compare against.
         _write(path, got)
-        summary["golden_update"] = f"baseline recorded at {path}; commit it (later runs compare against it)"
+        summary.extra["golden_update"] = f"baseline recorded at {path}; commit it (later runs compare against it)"
         return summary
     if expected is None:
-        opts = f"--quantvla-model={run.model} --quantvla-config={run.config} --quantvla-bits={run.bits}"
+        opts = f"--quantvla-model={run.model} --quantvla-config={run.size} --quantvla-bits={run.bits}"
         if run.quantizer != "quantvla":
             opts += f" --quantvla-quantizer={run.quantizer}"
         raise CheckFailed(f"no golden at {path}; create it with: pytest {opts} --quantvla-update-golden "
@@ -96,4 +118,4 @@ def _changes(path, got: dict) -> list[str]:
 
 
 def checks(run):
-    yield f"{run.prefix}/golden_statistics", functools.partial(golden_statistics, run), ()
+    yield Check(f"{run.prefix}/golden_statistics", functools.partial(golden_statistics, run), kind=GoldenResult.kind)

@@ -4,10 +4,13 @@ beyond fp32's 2^24)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
-from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.collect import Check, CheckFailed
+from pytest_quantvla.results import CheckResult
 from quantvla.quant import kernels
 from quantvla.quant.packing import pack_int4
 
@@ -28,7 +31,21 @@ def _probe_operands(seed: int, wbits: int):
     yield "odd-large 64x2048x96", (torch.full((64, 2048), 127, dtype=torch.int8), w)
 
 
-def _exact(backend: str, wbits: int, seed: int, device: str) -> dict:
+@dataclass(kw_only=True)
+class KernelResult(CheckResult):
+    kind = "kernel_exact"
+    source = "quantvla.quant.kernels"
+    probes: int
+    gemm: str | None  # the exact GEMM the cpu backend chose on this CPU (kernels.cpu_gemm)
+
+    def measured(self) -> str:
+        return f"{self.probes} probes" + (f" ({self.gemm} GEMM)" if self.gemm else "")
+
+    def reference(self) -> str:
+        return "int64 oracle, bit for bit"
+
+
+def _exact(backend: str, wbits: int, seed: int, device: str) -> KernelResult:
     if backend == "onednn" and not kernels.onednn_ok():
         pytest.skip(f"the opt-in onednn backend is unavailable here: {kernels.onednn_unavailable_reason()}")
     checked = 0
@@ -41,8 +58,7 @@ def _exact(backend: str, wbits: int, seed: int, device: str) -> dict:
             raise CheckFailed(f"backend {backend!r} W{wbits}: {bad} of {want.numel()} int32 outputs differ from "
                               f"the int64 oracle on the {what} probe")
         checked += 1
-    # which exact GEMM the cpu backend chose on this CPU (kernels.cpu_gemm: by instruction set)
-    return {"probes": checked, **({"gemm": kernels.cpu_gemm()} if backend == "cpu" else {})}
+    return KernelResult(probes=checked, gemm=kernels.cpu_gemm() if backend == "cpu" else None)
 
 
 def checks(run):
@@ -51,7 +67,8 @@ def checks(run):
     wbits = int(run.bits[1])
     prefix = f"quantvla/{run.model}/{run.bits}"
     for bits in sorted({wbits, 8}):
-        yield (f"{prefix}/kernel_exact[{backend}-w{bits}]",
-               lambda bits=bits: _exact(backend, bits, run.seed, device), ())
+        yield Check(f"{prefix}/kernel_exact[{backend}-w{bits}]",
+                    lambda bits=bits: _exact(backend, bits, run.seed, device), kind=KernelResult.kind)
     if backend == "cpu":  # the prepacked W8 path: 64x2048x96 runs oneDNN, all-min and odd-large its int32 redo
-        yield f"{prefix}/kernel_exact[onednn-w8]", lambda: _exact("onednn", 8, run.seed, device), ()
+        yield Check(f"{prefix}/kernel_exact[onednn-w8]", lambda: _exact("onednn", 8, run.seed, device),
+                    kind=KernelResult.kind)

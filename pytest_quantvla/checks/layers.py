@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_quantvla import golden
-from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.collect import Check, CheckFailed
+from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject
 from quantvla import preset
 from quantvla.api import record_activations
@@ -41,6 +43,42 @@ BUDGET_FACTOR = 1.25
 # give relative error 0.0128 at every scale from 1e-4 to 1e6 and 0.048 at 1e-6 (single rows 0.075),
 # a documented design choice rather than a fault, and activations that small do not occur in a VLA.
 FOREIGN_SCALES = (1e-2, 1e2)
+
+
+@dataclass(kw_only=True)
+class LayerResult(CheckResult):
+    """One quantized layer; the summary table shows all of them in one row (summary_row)."""
+
+    kind = "layer_bounds"
+    relative_error: float
+    sqnr_db: float | None
+    worst_adversarial_relative_error: float
+    limit: float | None  # a foreign layer's allowed relative error (reference/layer_error.json); None: QuantLinear
+    budget: float | None
+    budget_source: str
+
+    def layer_row(self, layer: str, verdict: str) -> list:
+        """The per-layer table's row (shown with -v)."""
+        return [layer, self.relative_error, "-" if self.sqnr_db is None else self.sqnr_db,
+                self.worst_adversarial_relative_error, self.limit or "analytic", self.budget or "-", verdict]
+
+    @staticmethod
+    def summary_row(entries: list[dict]) -> list[str]:
+        """All layers in one row of the summary table: the median and worst error, the lowest SQNR,
+        what they are held to and how many failed."""
+        results = [r for r in (CheckResult.from_dict(e) for e in entries) if isinstance(r, LayerResult)]
+        failed = sum(e["outcome"] != "passed" for e in entries)
+        rels = sorted(r.relative_error for r in results)
+        sqnr = min((r.sqnr_db for r in results if r.sqnr_db is not None), default=None)
+        limit = max((r.limit for r in results if r.limit is not None), default=None)
+        foreign = limit is not None or any("layer_error.json" in (e.get("message") or "") for e in entries)
+        held = "analytic bound per element" if not foreign else f"rel. error <= {limit or 'the bits limit'}"
+        measured = "-" if not rels else (f"rel. error median {rels[len(rels) // 2]:.4f}, max {rels[-1]:.4f}"
+                                         + (f" ({len(rels)} passed)" if failed else "")
+                                         + (f"; SQNR >= {sqnr:.1f} dB" if sqnr is not None else ""))
+        return [f"layer_bounds ({len(entries)} layers)", measured, f"{held}; 1.25 x golden's error",
+                "reference/layer_error.json" if foreign else "docs/quantizer.md",
+                "passed" if not failed else f"{failed} failed"]
 
 
 @functools.lru_cache(maxsize=2)
@@ -108,7 +146,7 @@ def _check(layer, lin, x: torch.Tensor, what: str, name: str, bits: str) -> floa
     return rel
 
 
-def layer_bounds(run, name: str) -> dict:
+def layer_bounds(run, name: str) -> LayerResult:
     s = subject(run)
     lin, layer = s.fp.get_submodule(name), s.quantized.get_submodule(name)
     x = _activations(run)[name]
@@ -137,12 +175,13 @@ def layer_bounds(run, name: str) -> dict:
 
     adversarial()
     sqnr = sqnr_db(rel)
-    limit = {} if isinstance(layer, QuantLinear) else {"limit": _allowed_relative_error(run.bits)}
-    return {"relative_error": round(rel, 6), "sqnr_db": None if sqnr is None else round(sqnr, 2), **limit,
-            "worst_adversarial_relative_error": round(worst["rel"], 6),
-            "budget": None if budget is None else round(BUDGET_FACTOR * budget, 6), "budget_source": source}
+    return LayerResult(relative_error=round(rel, 6), sqnr_db=None if sqnr is None else round(sqnr, 2),
+                       limit=None if isinstance(layer, QuantLinear) else _allowed_relative_error(run.bits),
+                       worst_adversarial_relative_error=round(worst["rel"], 6),
+                       budget=None if budget is None else round(BUDGET_FACTOR * budget, 6), budget_source=source)
 
 
 def checks(run):
     for name in subject(run).quantized_layers():
-        yield f"{run.prefix}/layer_bounds[{name}]", functools.partial(layer_bounds, run, name), ()
+        yield Check(f"{run.prefix}/layer_bounds[{name}]", functools.partial(layer_bounds, run, name),
+                    kind=LayerResult.kind, identity={"layer": name})

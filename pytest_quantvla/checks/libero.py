@@ -1,16 +1,20 @@
 """LIBERO success-rate gates (marker `libero`). Each item runs one pair: the FP model and the
-quantized model on the same suite, task, init state and seed, with the model's protocol (openpi
-for pi05, GR00T's for gr00t-n15). xdist spreads the pairs; the controller collects the outcomes
-and decides each suite once, with quantvla.eval.stats.paired_gate against the paper's
-quantized-minus-FP delta minus --quantvla-margin."""
+quantized model on the same suite, task, init state and seed, with the family's own protocol
+(quantvla.families). xdist spreads the pairs; the controller turns each pair's result into a
+quantvla.eval.gate.PairRecord and decides each suite once with quantvla.eval.gate.gates, against
+the paper's quantized-minus-FP delta minus --quantvla-margin."""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import pytest
 
+from pytest_quantvla.collect import Check
+from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject
+from quantvla.eval.gate import PairRecord
 from quantvla.eval.protocols import protocol_for
 
 TASKS_PER_SUITE = 10
@@ -31,14 +35,42 @@ def close_envs() -> None:
     _envs.clear()
 
 
-def pair(run, suite: str, task: int, init_index: int) -> dict:
-    from quantvla.eval.libero import gate_outcome
-    from quantvla.eval.policy import ModelPolicy
+@dataclass(kw_only=True)
+class PairResult(CheckResult):
+    """One pair's outcomes as the gate counts them; extra: each arm's failure, steps, wall time and
+    recording. Not a row of the summary table: the gate lines report the pairs."""
+
+    kind = "libero_pair"
+    suite: str
+    task: int
+    init: int
+    fp_success: bool | None
+    q_success: bool | None
+    fp_policy_error: bool
+    q_policy_error: bool
+
+    def record(self) -> PairRecord:
+        return PairRecord(self.suite, self.task, self.init, self.fp_success, self.q_success, self.fp_policy_error,
+                          self.q_policy_error)
+
+
+def pair_record(entry: dict) -> PairRecord:
+    """A reported pair item as the gate's record: a pair whose item did not pass (a crashed worker,
+    an exception outside the episodes) is unfinished, unknown on both sides."""
+    result = CheckResult.from_dict(entry) if entry.get("outcome") == "passed" else None
+    if isinstance(result, PairResult):
+        return result.record()
+    return PairRecord.unfinished(entry["suite"], entry["task"], entry["init"])
+
+
+def pair(run, suite: str, task: int, init_index: int) -> PairResult:
+    from quantvla.policy.model_policy import ModelPolicy
 
     s = subject(run)
     protocol = protocol_for(run.model)
     env = _env(suite, task, protocol)
-    out = {"suite": suite, "task": task, "init": init_index}
+    out: dict = {}
+    results = {}
     for label, model in (("fp", s.fp), ("q", s.quantized)):
         policy = ModelPolicy.for_task(model, env, seed=run.seed, bundle=s.bundle)
         r = env.run_episode(init_index, policy, seed=protocol.seed)
@@ -47,9 +79,11 @@ def pair(run, suite: str, task: int, init_index: int) -> dict:
             env.record(init_index, ModelPolicy.for_task(model, env, seed=run.seed, bundle=s.bundle), protocol.seed,
                        run.record / name)
             out[f"{label}_recording"] = str(run.record / name)
-        out[f"{label}_success"], out[f"{label}_policy_error"] = gate_outcome(r.success, r.failure)
+        results[label] = (r.success, r.failure)
         out[f"{label}_failure"], out[f"{label}_steps"], out[f"{label}_wall_s"] = r.failure, r.steps, round(r.wall_s, 2)
-    return out
+    record = PairRecord.from_episodes(suite, task, init_index, results["fp"], results["q"])
+    return PairResult(suite=suite, task=task, init=init_index, fp_success=record.fp, q_success=record.quantized,
+                      fp_policy_error=record.fp_policy_error, q_policy_error=record.q_policy_error, extra=out)
 
 
 def check_suites(run) -> None:
@@ -58,8 +92,8 @@ def check_suites(run) -> None:
     import json
 
     from pytest_quantvla.subject import policy_path
-    from quantvla.tiny.policy import is_bundle
-    if run.config != "trained" or run.suites is None or not is_bundle(policy_path(run)):
+    from quantvla.policy.bundle import is_bundle
+    if run.size != "trained" or run.suites is None or not is_bundle(policy_path(run)):
         return  # not a policy folder: building the subject says so
     trained = json.loads((policy_path(run) / "policy.json").read_text()).get("suite")
     if run.suites != (trained,):
@@ -82,5 +116,6 @@ def checks(run):
     for suite, tasks in suites_and_tasks(run).items():
         for k in range(run.episodes):
             task, init_index = tasks[k % len(tasks)], k // len(tasks)
-            yield (f"{run.prefix}/libero[{suite}/task{task}/init{init_index:02d}]",
-                   functools.partial(pair, run, suite, task, init_index), (pytest.mark.libero, pytest.mark.slow))
+            yield Check(f"{run.prefix}/libero[{suite}/task{task}/init{init_index:02d}]",
+                        functools.partial(pair, run, suite, task, init_index), (pytest.mark.libero, pytest.mark.slow),
+                        kind=PairResult.kind, identity={"suite": suite, "task": task, "init": init_index})

@@ -5,20 +5,66 @@ against the paper (reference/paper.json): pi0.5 4.27 -> 1.28 GB (70.0% saved), G
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from dataclasses import dataclass
 
 import torch
 
-from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.collect import Check, CheckFailed
 from pytest_quantvla.quantizers import preset_for
+from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject
+from quantvla import families
 from quantvla.memory import COMPONENT_ROLES, GIB, component_memory, projected_memory
-from quantvla.models import build
 from quantvla.reference import paper
 
 # Per-channel allowance of a quantized layer: room for 8 four-byte vectors per input and output
 # channel (scales, zero-point sums, smoothing, permutation, bias...), beyond its packed integers.
 PER_CHANNEL_BYTES = 32
+
+
+@dataclass(kw_only=True)
+class MemoryResult(CheckResult):
+    """extra: the rest of quantvla.memory.MemoryReport (resident bytes, component counts, GiB)."""
+
+    kind = "memory"
+    source = "bit-width + 32 B/channel"
+    fp16_bytes: int
+    storage_bytes: int
+    saving: float
+    budget_bytes: int
+
+    def measured(self) -> str:
+        return f"{self.fp16_bytes} -> {self.storage_bytes} B ({self.saving:.1%} saved)"
+
+    def reference(self) -> str:
+        return f"<= {self.budget_bytes} B"
+
+
+@dataclass(kw_only=True)
+class FullSizeMemoryResult(CheckResult):
+    kind = "memory_full_size"
+    source = "paper Table 2 (reference/paper.json)"
+    fp16_gib: float
+    storage_gib: float
+    saving: float
+    paper_fp16: float
+    paper_quantized: float
+    paper_saving: float
+
+    def measured(self) -> str:
+        return f"{self.fp16_gib:.2f} -> {self.storage_gib:.3f} GiB ({self.saving:.1%} saved)"
+
+    def reference(self) -> str:
+        return f"<= {self.paper_quantized} GB, >= {self.paper_saving:.1%} saved"
+
+
+def _split(report: dict, cls: type[CheckResult], **more) -> dict:
+    """A MemoryReport's dict as a result's fields and its extra measurements."""
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+    values = {**report, **more}
+    return {**{k: values[k] for k in names}, "extra": {k: v for k, v in values.items() if k not in names}}
 
 
 def budget(fp, quantized_names, wbits: int) -> int:
@@ -38,7 +84,7 @@ def budget(fp, quantized_names, wbits: int) -> int:
     return total
 
 
-def measured(run) -> dict:
+def measured(run) -> MemoryResult:
     s = subject(run)
     rep = component_memory(s.fp, s.quantized)
     if rep.quantized == 0:
@@ -53,24 +99,26 @@ def measured(run) -> dict:
     if rep.resident_bytes > rep.storage_bytes * 1.01:
         raise CheckFailed(f"layers keep {rep.resident_bytes - rep.storage_bytes} bytes alive beyond what they "
                           "store (caches): resident memory would not match the claim")
-    return {**rep.to_dict(), "budget_bytes": limit}
+    return MemoryResult(**_split(rep.to_dict(), MemoryResult, budget_bytes=limit))
 
 
-def full_size(run, ref: dict, preset_name: str) -> dict:
+def full_size(run, ref: dict, preset_name: str) -> FullSizeMemoryResult:
     with torch.device("meta"):
-        model = build(run.model, "full")
+        model = families.build(run.model, "full")
     rep = projected_memory(model, preset_for(run.quantizer, run.bits))
     want_q, want_saving = ref[preset_name], ref[f"{preset_name}_saving"]
     got_q = rep.storage_bytes / GIB
     if got_q > want_q or rep.saving < want_saving:
         raise CheckFailed(f"full-size {run.model}: {rep.fp16_bytes / GIB:.2f} -> {got_q:.3f} GiB "
                           f"({rep.saving:.1%} saved); the paper: {ref['fp16']} -> {want_q} ({want_saving:.1%} saved)")
-    return {**rep.to_dict(), "paper_fp16": ref["fp16"], "paper_quantized": want_q, "paper_saving": want_saving}
+    return FullSizeMemoryResult(**_split(rep.to_dict(), FullSizeMemoryResult, paper_fp16=ref["fp16"],
+                                         paper_quantized=want_q, paper_saving=want_saving))
 
 
 def checks(run):
-    yield f"{run.prefix}/memory[{run.config}]", functools.partial(measured, run), ()
+    yield Check(f"{run.prefix}/memory[{run.size}]", functools.partial(measured, run), kind=MemoryResult.kind)
     cfg = preset_for(run.quantizer, run.bits)
-    ref = paper()["memory_gb"][run.model]
-    if cfg is not None and f"{cfg.name}_saving" in ref:  # the paper gives a figure for this setting
-        yield f"{run.prefix}/memory[full-vs-paper]", functools.partial(full_size, run, ref, cfg.name), ()
+    ref = paper()["memory_gb"].get(run.model, {})
+    if cfg is not None and f"{cfg.name}_saving" in ref:  # the paper gives a figure for this family and setting
+        yield Check(f"{run.prefix}/memory[full-vs-paper]", functools.partial(full_size, run, ref, cfg.name),
+                    kind=FullSizeMemoryResult.kind)

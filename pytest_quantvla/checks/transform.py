@@ -23,12 +23,14 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pytest_quantvla.collect import CheckFailed
+from pytest_quantvla.collect import Check, CheckFailed
 from pytest_quantvla.quantizers import preset_for
+from pytest_quantvla.results import CheckResult
 from quantvla.quant.bounds import relative_error
 from quantvla.quant.duquant import BlockRotation
 from quantvla.quant.linear import QuantLinear
@@ -178,7 +180,25 @@ def _algebra(t, x64: torch.Tensor, w64: torch.Tensor, what: str) -> list[str]:
     return problems
 
 
-def outlier_layer(run) -> dict:
+@dataclass(kw_only=True)
+class OutlierResult(CheckResult):
+    kind = "outlier_layer"
+    source = "pytest_quantvla/checks/transform.py"
+    relative_error: float
+    oracle_relative_error: float
+    peak_to_rms: float | None = None  # tokens' mean peak-to-RMS after the transform (None: no transform)
+    peak_to_rms_without_transform: float | None = None
+
+    def measured(self) -> str:
+        peaks = "" if self.peak_to_rms is None else \
+            f"; peak/RMS {self.peak_to_rms_without_transform:.1f} -> {self.peak_to_rms:.1f}"
+        return f"rel. error {self.relative_error:.4f}{peaks}"
+
+    def reference(self) -> str:
+        return f"<= 1.1 x plain grids {self.oracle_relative_error:.4f}; transform exact"
+
+
+def outlier_layer(run) -> OutlierResult:
     cfg = preset_for(run.quantizer, run.bits).linear
     block = cfg.transform.block_size if cfg.transform is not None else 64
     lin, x = synthetic_layer(run.seed, block)
@@ -211,10 +231,10 @@ def outlier_layer(run) -> dict:
                             f"after it against {raw:.4g} before (at most {HELP_FACTOR}x required)")
     if problems:
         raise CheckFailed("synthetic outlier layer: " + "; ".join(problems))
-    return result
+    return OutlierResult(**result)
 
 
 def checks(run):
     cfg = preset_for(run.quantizer, run.bits)
     if cfg is not None and cfg.linear is not None:
-        yield f"{run.prefix}/outlier_layer", functools.partial(outlier_layer, run), ()
+        yield Check(f"{run.prefix}/outlier_layer", functools.partial(outlier_layer, run), kind=OutlierResult.kind)

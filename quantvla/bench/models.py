@@ -53,19 +53,13 @@ class ModelRow:
 
 def _subject(family: str, size: str, seed: int, entries: int):
     """(FP model, calibration buffer, the inputs and noise one timed chunk uses)."""
-    from quantvla import CalibrationBuffer
-    from quantvla.models import build
+    from quantvla import families
 
-    if size == "trained":
-        from quantvla.tiny.policy import load_bundle, shipped_policy
-
-        bundle = load_bundle(shipped_policy(family))
-        buffer = bundle.calibration()
-        return bundle.model, buffer, buffer.inputs[0], buffer.noise[0]
-    torch.manual_seed(seed)
-    model = build(family, size)
-    buffer = CalibrationBuffer.synthetic(model, entries, seed=seed)
-    return model, buffer, buffer.inputs[0], buffer.noise[0]
+    if size != "trained":
+        torch.manual_seed(seed)
+    loaded = families.load_fp(family, size, entries=entries, seed=seed)
+    buffer = loaded.calibration
+    return loaded.model, buffer, buffer.inputs[0], buffer.noise[0]
 
 
 def _size(nbytes: int) -> str:
@@ -154,10 +148,14 @@ def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", r
     return row
 
 
-def run(families=("pi05", "gr00t-n15"), size: str = "tiny", quantizer: str = "quantvla-w4a8", rounds: int = 15,
+def run(families=None, size: str = "tiny", quantizer: str = "quantvla-w4a8", rounds: int = 15,
         seed: int = 0, entries: int = 16, device: str = "cpu", fp_dtype: torch.dtype = torch.float32,
         log=print) -> list[ModelRow]:
-    return [measure(f, size, quantizer, rounds, seed, entries, device, fp_dtype, log) for f in families]
+    """One row per family (default: every registered one)."""
+    from quantvla import families as registry
+
+    return [measure(f, size, quantizer, rounds, seed, entries, device, fp_dtype, log)
+            for f in families or registry.names()]
 
 
 def as_dicts(rows: list[ModelRow]) -> list[dict]:

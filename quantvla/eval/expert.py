@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from quantvla.errors import QuantVLAError
+from quantvla.policy.state import goal_objects, quat_to_mat
 
 APPROACH_HEIGHT = 0.10  # above the grasp point
 LIFT_CLEARANCE = 0.05  # object bottom above the container's top
@@ -26,13 +26,6 @@ RELEASE_HEIGHT = 0.02  # object bottom above the container's top when opening
 CLOSE_STEPS, RELEASE_STEPS = 8, 10
 TIMEOUTS = {"approach": 60, "descend": 30, "lift": 40, "move": 60, "lower": 40, "retreat": 30}
 MAX_RETRIES = 2
-
-
-def quat_to_mat(q_xyzw: np.ndarray) -> np.ndarray:
-    x, y, z, w = q_xyzw
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
 
 
 def rotation_vector(r: np.ndarray) -> np.ndarray:
@@ -53,20 +46,6 @@ def rotation_vector(r: np.ndarray) -> np.ndarray:
 def top_down(yaw: float) -> np.ndarray:
     c, s = math.cos(yaw), math.sin(yaw)
     return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([1.0, -1.0, -1.0])
-
-
-def goal_objects(env) -> tuple[str, str, str]:
-    """(predicate, object, container object) of a single-predicate goal, e.g.
-    ("in", "ketchup_1", "basket_1") for the region basket_1_contain_region."""
-    inner = env.env
-    goal = inner.parsed_problem["goal_state"]
-    if len(goal) != 1 or goal[0][0] != "in":
-        raise QuantVLAError(f"the scripted expert handles one 'in' goal (libero_object); this task's goal is {goal}")
-    _, obj, region = goal[0]
-    owner = next((name for name in inner.objects_dict if region.startswith(name + "_")), None)
-    if owner is None:
-        raise QuantVLAError(f"no object owns the goal region {region!r}")
-    return "in", obj, owner
 
 
 class Geometry:

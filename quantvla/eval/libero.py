@@ -44,16 +44,6 @@ class EpisodeResult:
         return asdict(self)
 
 
-def gate_outcome(success: bool, failure: str | None) -> tuple[bool | None, bool]:
-    """An episode as the gate counts it: (outcome, the policy errored). A policy error (the policy
-    or quantizer raised, or returned a non-finite action) is a failure of that arm; a simulator
-    error leaves the outcome unknown (None)."""
-    failure = failure or ""
-    if failure.startswith("simulator error"):
-        return None, False
-    return bool(success) and not failure, failure.startswith("policy error")
-
-
 class PolicyError(Exception):
     """The policy under test failed inside an episode (raised, or gave a non-finite action)."""
 
@@ -64,7 +54,7 @@ def episode_seed(suite: str, task_id: int, init_index: int, seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _import_libero():
+def import_libero():
     os.environ.setdefault("MUJOCO_GL", "egl")  # set when the runner is used, not at import
     try:
         from libero.libero import benchmark, get_libero_path
@@ -90,7 +80,7 @@ class TaskEnv:
     """One LIBERO task's environment, reused across its episodes."""
 
     def __init__(self, suite: str, task_id: int, protocol: Protocol, render_on_query: bool = True):
-        benchmark, get_libero_path, OffScreenRenderEnv = _import_libero()
+        benchmark, get_libero_path, OffScreenRenderEnv = import_libero()
         suites = benchmark.get_benchmark_dict()
         if suite not in suites:
             raise QuantVLAError(f"unknown LIBERO suite {suite!r}; choose one of: {', '.join(sorted(suites))}")

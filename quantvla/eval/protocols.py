@@ -31,12 +31,14 @@ class Protocol:
         return self.max_steps[suite]
 
 
-# Each model family's own LIBERO protocol (models.md section 3).
-FAMILY_PROTOCOL = {"pi05": "openpi", "gr00t-n15": "gr00t"}
+DEFAULT_PROTOCOL = "openpi"
 
 
-def protocol_for(family: str) -> Protocol:
-    return load_protocol(FAMILY_PROTOCOL.get(family, "openpi"))
+def protocol_for(family: str | None) -> Protocol:
+    """A family's own LIBERO protocol (its record in quantvla.families); openpi's without a family."""
+    from quantvla import families
+
+    return load_protocol(DEFAULT_PROTOCOL if family is None else families.get(family).protocol)
 
 
 def load_protocol(name: str) -> Protocol:

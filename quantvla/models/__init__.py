@@ -1,6 +1,7 @@
-"""The model zoo: pi0.5 and GR00T N1.5 in plain torch, with their real module names.
+"""The model zoo in plain torch, with the real module names; the families are registered in
+quantvla.families (which model class, configs, checkpoint layouts, protocol).
 
-    model = build("pi05", "tiny")                   # or "full", or a PI05Config / GR00TConfig
+    model = build("pi05", "tiny")                   # or "full", or a config instance
     with torch.device("meta"): big = build("gr00t-n15", "full")   # allocates nothing
 """
 
@@ -8,22 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from quantvla.models import gr00t_n15, pi05
-
-FAMILIES = {
-    "pi05": (pi05.PI05, {"tiny": pi05.TINY, "tiny-state": pi05.TINY_STATE, "full": pi05.FULL}),
-    "gr00t-n15": (gr00t_n15.GR00TN15, {"tiny": gr00t_n15.TINY, "tiny-state": gr00t_n15.TINY_STATE,
-                                       "full": gr00t_n15.FULL}),
-}
-
 
 def build(name: str, config="tiny") -> nn.Module:
     """A model of the named family, in eval mode, with seeded-by-caller random weights."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(FAMILIES)}")
-    cls, presets = FAMILIES[name]
-    if isinstance(config, str):
-        if config not in presets:
-            raise ValueError(f"unknown config {config!r} for {name}; choose one of: {', '.join(presets)}")
-        config = presets[config]
-    return cls(config).eval()
+    from quantvla import families
+
+    return families.build(name, config)

@@ -1,14 +1,9 @@
 """Safetensors checkpoints in the real key layouts, loaded with strict validation.
 
-Layouts (a prefix on every key, plus aliases):
-  pi05       "openpi"   no prefix; the tied embedding stored as paligemma.lm_head.weight;
-                        gemma_expert.lm_head.weight (random, unused) tolerated
-             "lerobot"  the same under "model."
-  gr00t-n15  "isaac"    no prefix (Isaac-GR00T; usually sharded with model.safetensors.index.json)
-             "lerobot"  the same under "_groot_model."
-             action-head-only checkpoints, loaded into model.action_head (the backbone untouched):
-             "head" (the head's own keys, bare), "isaac-head" (under "action_head."),
-             "lerobot-head" (under "_groot_model.action_head.")
+A layout is a prefix on every key, plus aliases, ignored keys and the part of the model it holds;
+each family lists its own beside its model (LAYOUTS in quantvla/models/pi05.py, gr00t_n15.py) and
+registers them in quantvla.families: openpi / LeRobot for pi0.5, Isaac-GR00T / LeRobot and
+action-head-only files for GR00T N1.5.
 A checkpoint is a .safetensors file, or a folder holding model.safetensors or a sharded set with
 its index. Every problem (missing or unexpected keys, shapes, non-float dtypes, NaN/Inf, truncated
 or unreadable files) is collected and reported in one CheckpointError naming the first offenders
@@ -51,22 +46,10 @@ class Layout:
     part: str = ""
 
 
-_PI05_EMBED = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
-_PI05_ALIASES = {"paligemma_with_expert.paligemma.lm_head.weight": _PI05_EMBED}
-_PI05_IGNORED = ("paligemma_with_expert.gemma_expert.lm_head.",)
-_GR00T_EMBED = "backbone.eagle_model.language_model.model.embed_tokens.weight"
-_GR00T_ALIASES = {"backbone.eagle_model.language_model.lm_head.weight": _GR00T_EMBED}
-_GR00T_IGNORED = ("backbone.eagle_model.vision_model.vision_model.head.",)
+def _layouts(family: str) -> dict[str, Layout]:
+    from quantvla import families
 
-LAYOUTS = {
-    "pi05": {"openpi": Layout("openpi", "", _PI05_ALIASES, _PI05_IGNORED),
-             "lerobot": Layout("lerobot", "model.", _PI05_ALIASES, _PI05_IGNORED)},
-    "gr00t-n15": {"isaac": Layout("isaac", "", _GR00T_ALIASES, _GR00T_IGNORED),
-                  "lerobot": Layout("lerobot", "_groot_model.", _GR00T_ALIASES, _GR00T_IGNORED),
-                  "head": Layout("head", "", part="action_head"),
-                  "isaac-head": Layout("isaac-head", "action_head.", part="action_head"),
-                  "lerobot-head": Layout("lerobot-head", "_groot_model.action_head.", part="action_head")},
-}
+    return dict(families.get(family).layouts)
 
 
 def _files(path: Path) -> list[Path]:
@@ -109,7 +92,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def detect_layout(family: str, keys, model: nn.Module | None = None) -> Layout:
     """The layout whose prefix every key carries (the longest such prefix); among unprefixed
     layouts, the one whose part's own keys cover the most stored keys (a bare head-only file)."""
-    layouts = sorted(LAYOUTS[family].values(), key=lambda lay: -len(lay.prefix))
+    layouts = sorted(_layouts(family).values(), key=lambda lay: -len(lay.prefix))
     keys = list(keys)
     for layout in layouts:
         if layout.prefix and keys and all(k.startswith(layout.prefix) for k in keys):
@@ -141,11 +124,11 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, layout: str = "au
     stored = read_tensors(path)
     if layout == "auto":
         lay = detect_layout(family, stored, model)
-    elif layout in LAYOUTS[family]:
-        lay = LAYOUTS[family][layout]
+    elif layout in _layouts(family):
+        lay = _layouts(family)[layout]
     else:
         raise CheckpointError(f"unknown layout {layout!r} for {family}; choose auto or one of "
-                              f"{', '.join(LAYOUTS[family])}")
+                              f"{', '.join(_layouts(family))}")
     want = _target(model, lay).state_dict()
     got: dict[str, torch.Tensor] = {}
     problems: dict[str, list[str]] = {"unexpected keys": [], "missing keys": [], "shape mismatches": [],
@@ -190,7 +173,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, layout: str = "au
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, layout: str, shard_bytes: int | None = None) -> Path:
     """Write `model` in a real layout: a folder with model.safetensors, or shards plus their index
     when shard_bytes is given. Each file is written to a temporary name and renamed (atomic)."""
-    lay = LAYOUTS[model.family][layout]
+    lay = _layouts(model.family)[layout]
     reverse = {v: k for k, v in lay.aliases.items()}
     tensors = {lay.prefix + reverse.get(k, k): v.detach().contiguous().clone()
                for k, v in _target(model, lay).state_dict().items()}

@@ -19,31 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantvla.errors import QuantInputError
+from quantvla.models.checkpoint import Layout
+from quantvla.models.dit import DiT, SelfAttentionTransformer
+from quantvla.models.eagle import EagleBackbone
 from quantvla.models.layers import (
     LayerNorm,
-    RMSNorm,
-    attend,
-    gelu_tanh,
-    object_state_tokens,
-    observe_output,
-    rope,
-    timestep_embedding,
 )
 from quantvla.models.observation import ModelInputs, initial_noise
 from quantvla.models.protocol import AttentionSite, Role
-from quantvla.models.siglip import SiglipConfig, SiglipVisionModel
-
-
-@dataclass(frozen=True)
-class Qwen3Config:
-    width: int = 2048
-    depth: int = 12  # Qwen3-1.7B has 28; GR00T N1.5 keeps the first 12
-    mlp: int = 6144
-    heads: int = 16
-    kv_heads: int = 8
-    head_dim: int = 128
-    vocab: int = 151680
-    rope_theta: float = 1e6
+from quantvla.models.qwen3 import Qwen3Config
+from quantvla.models.siglip import SiglipConfig
 
 
 @dataclass(frozen=True)
@@ -106,6 +91,20 @@ TINY_STATE = GR00TConfig(
 )
 
 
+# Checkpoint layouts (quantvla.models.checkpoint): Isaac-GR00T's keys, no prefix (usually sharded
+# with model.safetensors.index.json); LeRobot's, the same under "_groot_model."; and action-head-only
+# files, loaded into model.action_head with the backbone untouched: the head's own keys ("head"),
+# under "action_head." ("isaac-head") or "_groot_model.action_head." ("lerobot-head").
+_EMBED = "backbone.eagle_model.language_model.model.embed_tokens.weight"
+_ALIASES = {"backbone.eagle_model.language_model.lm_head.weight": _EMBED}
+_IGNORED = ("backbone.eagle_model.vision_model.vision_model.head.",)
+LAYOUTS = {"isaac": Layout("isaac", "", _ALIASES, _IGNORED),
+           "lerobot": Layout("lerobot", "_groot_model.", _ALIASES, _IGNORED),
+           "head": Layout("head", "", part="action_head"),
+           "isaac-head": Layout("isaac-head", "action_head.", part="action_head"),
+           "lerobot-head": Layout("lerobot-head", "_groot_model.action_head.", part="action_head")}
+
+
 # ------------------------------------------------------------------------------ backbone
 def _state_2d(state: torch.Tensor, batch: int, state_dim: int) -> torch.Tensor:
     """[B, state_dim], or LeRobot's [B, 1, state_dim] (one observation step), as [B, state_dim]."""
@@ -119,237 +118,8 @@ def _state_2d(state: torch.Tensor, batch: int, state_dim: int) -> torch.Tensor:
     return state
 
 
-class Qwen3Attention(nn.Module):
-    def __init__(self, c: Qwen3Config):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.width, c.heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.width, c.kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.width, c.kv_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.heads * c.head_dim, c.width, bias=False)
-        self.q_norm = RMSNorm(c.head_dim, one_plus=False)
-        self.k_norm = RMSNorm(c.head_dim, one_plus=False)
-
-    def forward(self, x, positions, valid, theta):
-        b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        return self.o_proj(attend(rope(q, positions, theta), rope(k, positions, theta), v, valid))
-
-
-class Qwen3MLP(nn.Module):
-    def __init__(self, c: Qwen3Config):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.width, c.mlp, bias=False)
-        self.up_proj = nn.Linear(c.width, c.mlp, bias=False)
-        self.down_proj = nn.Linear(c.mlp, c.width, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Qwen3Layer(nn.Module):
-    def __init__(self, c: Qwen3Config):
-        super().__init__()
-        self.input_layernorm = RMSNorm(c.width, one_plus=False)
-        self.self_attn = Qwen3Attention(c)
-        self.post_attention_layernorm = RMSNorm(c.width, one_plus=False)
-        self.mlp = Qwen3MLP(c)
-
-
-class Qwen3Model(nn.Module):
-    def __init__(self, c: Qwen3Config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab, c.width)
-        self.layers = nn.ModuleList(Qwen3Layer(c) for _ in range(c.depth))
-        self.norm = RMSNorm(c.width, one_plus=False)
-
-
-class Qwen3ForCausalLM(nn.Module):
-    """The tied lm_head is not built: Eagle computes its logits and discards them."""
-
-    def __init__(self, c: Qwen3Config):
-        super().__init__()
-        self.model = Qwen3Model(c)
-
-
-class EagleModel(nn.Module):
-    def __init__(self, c: GR00TConfig):
-        super().__init__()
-        self.vision_model = SiglipVisionModel(c.vision)
-        self.mlp1 = nn.Sequential(nn.Linear(c.vision.width, c.llm.width))
-        # not in Isaac-GR00T: projects object-state tokens into the VL sequence, where image tokens would be
-        self.object_state_proj = nn.Linear(c.object_dim, c.llm.width) if c.object_dim else None
-        self.language_model = Qwen3ForCausalLM(c.llm)
-
-
-class EagleBackbone(nn.Module):
-    def __init__(self, c: GR00TConfig):
-        super().__init__()
-        self.config = c
-        self.eagle_model = EagleModel(c)
-
-    def forward(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> VL features [B, T, 2048] (after the final norm) and their padding mask."""
-        em, c = self.eagle_model, self.config
-        dt = em.mlp1[0].weight.dtype
-        parts, masks = [], []
-        for i in range(inputs.images.shape[1]):
-            img = inputs.images[:, i].to(em.vision_model.vision_model.embeddings.patch_embedding.weight.dtype)
-            parts.append(em.mlp1(em.vision_model(img).to(dt)))
-            masks.append(inputs.image_mask[:, i: i + 1].expand(-1, parts[-1].shape[1]))
-        if em.object_state_proj is not None:
-            tokens, mask = object_state_tokens(em.object_state_proj, inputs.objects, dt)
-            parts.append(tokens)
-            masks.append(mask)
-        lm = em.language_model.model
-        parts.append(lm.embed_tokens(inputs.tokens).to(dt))
-        masks.append(inputs.token_mask)
-        x, pad = torch.cat(parts, 1), torch.cat(masks, 1)
-        t = x.shape[1]
-        positions = pad.long().cumsum(1) - 1
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        valid = (causal[None] & pad[:, None, :])[:, None]
-        for layer in lm.layers:
-            x = x + layer.self_attn(layer.input_layernorm(x), positions, valid, c.llm.rope_theta)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return lm.norm(x), pad
-
 
 # ------------------------------------------------------------------------------ action head
-class Attention(nn.Module):
-    """diffusers Attention: to_q, to_k, to_v, to_out.0 (to_out.1 is dropout)."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int, kv_dim: int | None = None):
-        super().__init__()
-        inner = heads * head_dim
-        self.heads, self.head_dim = heads, head_dim
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(kv_dim or dim, inner)
-        self.to_v = nn.Linear(kv_dim or dim, inner)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
-
-    def forward(self, x, context=None, site: AttentionSite | None = None):
-        context = x if context is None else context
-        b = x.shape[0]
-        split = lambda y: y.view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        out = attend(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)), None, site)
-        return observe_output(site, self.to_out[0](out))
-
-
-class GELUProj(nn.Module):
-    def __init__(self, dim_in, dim_out):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x):
-        return gelu_tanh(self.proj(x))
-
-
-class FeedForward(nn.Module):
-    """diffusers FeedForward: net.0 = GELU(proj), net.1 dropout, net.2 linear, net.3 dropout."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.net = nn.ModuleList([GELUProj(dim, hidden), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0)])
-
-    def forward(self, x):
-        for m in self.net:
-            x = m(x)
-        return x
-
-
-class AdaLayerNorm(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-        self.norm = LayerNorm(dim, eps=1e-5, elementwise_affine=False)
-
-    def forward(self, x, temb):
-        scale, shift = self.linear(F.silu(temb).to(self.linear.weight.dtype)).to(x.dtype).chunk(2, dim=-1)
-        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
-
-
-class VLBlock(nn.Module):
-    def __init__(self, c: GR00TConfig):
-        super().__init__()
-        d = c.llm.width
-        self.norm1 = LayerNorm(d, eps=1e-5)
-        self.attn1 = Attention(d, c.vl_heads, c.vl_head_dim)
-        self.norm3 = LayerNorm(d, eps=1e-5)
-        self.ff = FeedForward(d, c.vl_ff)
-
-    def forward(self, x):
-        x = x + self.attn1(self.norm1(x))
-        return x + self.ff(self.norm3(x))
-
-
-class SelfAttentionTransformer(nn.Module):
-    def __init__(self, c: GR00TConfig):
-        super().__init__()
-        self.transformer_blocks = nn.ModuleList(VLBlock(c) for _ in range(c.vl_blocks))
-
-    def forward(self, x):
-        for block in self.transformer_blocks:
-            x = block(x)
-        return x
-
-
-class DiTBlock(nn.Module):
-    def __init__(self, c: GR00TConfig, cross: bool):
-        super().__init__()
-        d = c.dit_width
-        self.cross = cross
-        self.norm1 = AdaLayerNorm(d)
-        self.attn1 = Attention(d, c.dit_heads, c.dit_head_dim, kv_dim=c.llm.width if cross else None)
-        self.norm3 = LayerNorm(d, eps=1e-5, elementwise_affine=False)
-        self.ff = FeedForward(d, c.dit_ff)
-
-    def forward(self, x, vl, temb, site):
-        h = self.norm1(x, temb)
-        x = x + self.attn1(h, vl if self.cross else None, site)
-        return x + self.ff(self.norm3(x))
-
-
-class TimestepEmbedding(nn.Module):
-    def __init__(self, dim_in, dim):
-        super().__init__()
-        self.linear_1, self.linear_2 = nn.Linear(dim_in, dim), nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
-class TimestepEncoder(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.timestep_embedder = TimestepEmbedding(256, dim)
-
-    def forward(self, t_disc):
-        emb = timestep_embedding(t_disc, 256, flip_sin_to_cos=True, downscale_freq_shift=1)
-        return self.timestep_embedder(emb.to(self.timestep_embedder.linear_1.weight.dtype))
-
-
-class DiT(nn.Module):
-    def __init__(self, c: GR00TConfig):
-        super().__init__()
-        d = c.dit_width
-        self.timestep_encoder = TimestepEncoder(d)
-        # interleaved: even blocks cross-attend to the VL tokens, odd blocks self-attend
-        self.transformer_blocks = nn.ModuleList(DiTBlock(c, cross=(i % 2 == 0)) for i in range(c.dit_blocks))
-        self.norm_out = LayerNorm(d, eps=1e-6, elementwise_affine=False)
-        self.proj_out_1 = nn.Linear(d, 2 * d)
-        self.proj_out_2 = nn.Linear(d, c.hidden_size)
-
-    def forward(self, x, vl, t_disc, sites):
-        temb = self.timestep_encoder(t_disc)
-        for block, site in zip(self.transformer_blocks, sites, strict=True):
-            x = block(x, vl, temb, site)
-        shift, scale = self.proj_out_1(F.silu(temb)).chunk(2, dim=-1)
-        return self.proj_out_2(self.norm_out(x) * (1 + scale[:, None]) + shift[:, None])
-
-
 class CategorySpecificLinear(nn.Module):
     """A weight bank W[num_embodiments, in, out], b[num_embodiments, out]: not an nn.Linear."""
 

@@ -147,6 +147,6 @@ def object_state_tokens(proj: nn.Linear, objects: torch.Tensor | None, dtype: to
     prefix, and their all-valid mask."""
     if objects is None:
         raise QuantVLAError("this model reads object-state tokens: ModelInputs.objects [B, n_objects, object_dim] "
-                            "is missing (build inputs with quantvla.tiny.policy.StateAdapter)")
+                            "is missing (build inputs with quantvla.policy.state.StateAdapter)")
     tokens = proj(objects.to(proj.weight.dtype)).to(dtype)
     return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)

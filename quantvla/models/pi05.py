@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantvla.models.checkpoint import Layout
 from quantvla.models.layers import (
     AdaRMSNorm,
     RMSNorm,
@@ -77,6 +78,16 @@ TINY_STATE = PI05Config(
     expert=GemmaConfig(128, 2, 256, 2, 1, 32),
     max_token_len=16, num_images=0, num_objects=3, object_dim=12,
 )
+
+
+# Checkpoint layouts (quantvla.models.checkpoint): openpi's own keys, no prefix, the tied embedding
+# stored as paligemma.lm_head.weight and gemma_expert.lm_head.weight (random, unused) tolerated;
+# LeRobot's, the same under "model.".
+_EMBED = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
+_ALIASES = {"paligemma_with_expert.paligemma.lm_head.weight": _EMBED}
+_IGNORED = ("paligemma_with_expert.gemma_expert.lm_head.",)
+LAYOUTS = {"openpi": Layout("openpi", "", _ALIASES, _IGNORED),
+           "lerobot": Layout("lerobot", "model.", _ALIASES, _IGNORED)}
 
 
 class GemmaAttention(nn.Module):

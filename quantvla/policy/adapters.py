@@ -1,12 +1,14 @@
 """From a LIBERO observation to model inputs, and from an action chunk to 7-D LIBERO actions.
 
-Per model family, as each model's own LIBERO pipeline does it (models.md section 3):
-  pi05       both images rotated 180 deg, resized with padding to the model's image size, [-1, 1];
-             prompt = the task's language; pi05_libero never sees the state; actions: the first 7
-             dims, quantile-unnormalized with q01/q99 (openpi norm_stats.json); no gripper change.
-  gr00t-n15  images rotated 180 deg, center crop 0.95, resized; state = eef_pos, axis-angle,
-             gripper_qpos (8-D), min-max normalized, padded; actions: the first 7 dims,
-             unnormalized (min-max, or mean/std), gripper g -> sign(1 - 2g) (GR00T's binarization).
+Per model family, as each model's own LIBERO pipeline does it (the facts are in the family's
+record, quantvla.families; shared/docs/models.md has the sources):
+  openpi (pi0.5)    both images rotated 180 deg, resized with padding to the model's image size,
+                    [-1, 1]; prompt = the task's language; pi05_libero never sees the state;
+                    actions: the first 7 dims, quantile-unnormalized with q01/q99 (openpi
+                    norm_stats.json); the gripper is LIBERO's own (-1 open, +1 closed).
+  Isaac-GR00T       images rotated 180 deg, center crop 0.95, resized; state = eef_pos, axis-angle,
+  (GR00T N1.5)      gripper_qpos (8-D), min-max normalized, padded; actions: the first 7 dims,
+                    unnormalized (min-max, or mean/std), gripper g in [0, 1] -> sign(1 - 2g).
 Tokenizers: a small word-level tokenizer ships with the tiny checkpoints; the real PaliGemma
 SentencePiece and Qwen3 tokenizer.json load through the optional `tokenizers` extra.
 """
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quantvla import families
 from quantvla.errors import QuantVLAError
 from quantvla.io import write_json_atomic
 from quantvla.models.observation import ModelInputs
@@ -174,14 +177,15 @@ class LiberoAdapter:
         self.family, self.image_size, self.max_tokens = family, image_size, max_tokens
         self.tokenizer, self.stats = tokenizer, stats
         self.action_norm, self.state_norm, self.state_dim = action_norm, state_norm, state_dim
+        self.crop = families.get(family).image_crop
 
     def images(self, obs: dict) -> torch.Tensor:
         out = []
         for key in ("agentview_image", "robot0_eye_in_hand_image"):
             img = np.asarray(obs[key])[::-1, ::-1]  # LIBERO renders upside down
-            if self.family == "gr00t-n15":  # GR00T's eval transform: center crop 0.95 before resizing
+            if self.crop < 1.0:  # GR00T's eval transform: a center crop (0.95) before resizing
                 h, w = img.shape[:2]
-                ch, cw = round(h * 0.95), round(w * 0.95)
+                ch, cw = round(h * self.crop), round(w * self.crop)
                 img = img[(h - ch) // 2: (h - ch) // 2 + ch, (w - cw) // 2: (w - cw) // 2 + cw]
             out.append(resize_with_pad(img, self.image_size))
         return torch.stack(out)
@@ -203,10 +207,10 @@ class LiberoAdapter:
 
 
 def chunk_to_actions(chunk: torch.Tensor, stats: NormStats, norm: str, family: str) -> np.ndarray:
-    """[1, T, action_dim] model output -> [T, 7] environment actions: unnormalized; GR00T's gripper
-    g in [0, 1] binarized to sign(1 - 2g)."""
+    """[1, T, action_dim] model output -> [T, 7] environment actions: unnormalized; a "unit" gripper
+    (GR00T's g in [0, 1]) binarized to sign(1 - 2g)."""
     a = stats.unnormalize(chunk[0, :, :7].double().cpu().numpy(), norm)
-    if family == "gr00t-n15":
+    if families.get(family).gripper == "unit":
         a = a.copy()
         a[:, 6] = np.sign(1.0 - 2.0 * a[:, 6])
     return a.astype(np.float32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quantvla.models.policy import LiberoAdapter, NormStats, WordTokenizer
+from quantvla import families
+from quantvla.policy.adapters import LiberoAdapter, NormStats, WordTokenizer
 
 
 def identity_stats(dim: int) -> NormStats:
@@ -31,7 +32,7 @@ class ModelPolicy:
         stats = {"actions": identity_stats(7), "state": identity_stats(8)}
         tokenizer = WordTokenizer.fit(instructions)
         adapter = LiberoAdapter(family, c.vision.image, c.max_token_len, tokenizer, stats,
-                                action_norm="quantile" if family == "pi05" else "min_max", state_dim=state_dim)
+                                action_norm=families.get(family).action_norm, state_dim=state_dim)
         return cls(model, adapter, seed, num_steps)
 
     @classmethod
@@ -40,7 +41,7 @@ class ModelPolicy:
         objects and needs no images; any other model sees the cameras."""
         if bundle is None:
             return cls.for_model(model, [task_env.instruction], seed=seed, num_steps=num_steps)
-        from quantvla.eval.expert import goal_objects
+        from quantvla.policy.state import goal_objects
         _, obj, container = goal_objects(task_env.env)
         policy = cls(model, bundle.adapter((obj, container)), seed, num_steps)
         policy.needs_images = False

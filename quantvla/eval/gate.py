@@ -1,4 +1,6 @@
-"""Success statistics and gates, decided on paired episodes (same task, init state and seed).
+"""The LIBERO gate, decided in one place for the plugin, `python -m quantvla libero` and the merge
+of sharded reports: episode pairs as plain records (PairRecord) in, one Verdict per suite out
+(gates), with the statistics below. Pairs are FP and quantized on the same task, init state, seed.
 
 A run of n pairs is the paired 2x2 table; only the discordant pairs carry the difference:
 `losses` (FP succeeded, quantized failed) and `gains` (the reverse). The quantity gated is
@@ -31,7 +33,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from scipy import special
@@ -222,7 +225,7 @@ def decide(gains: int, losses: int, n: int, delta0: float, confidence: float = 0
 # ------------------------------------------------------------------------------- the gate
 @dataclass(frozen=True)
 class Verdict:
-    verdict: str  # pass | fail | inconclusive
+    decision: str  # pass | fail | inconclusive
     pairs: int
     fp: Rate
     quantized: Rate
@@ -239,12 +242,14 @@ class Verdict:
     reason: str
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["verdict"] = d.pop("decision")  # the reports' key (a verdict's decision is its verdict)
+        return {"verdict": d.pop("verdict"), **d}
 
     def line(self) -> str:
         """The verdict in one line: counts, the estimate with its bounds, what was tested and what
         this run size could have detected."""
-        return (f"{self.verdict.upper()} over {self.pairs} pairs: FP {self.fp.successes}/{self.pairs}, quantized "
+        return (f"{self.decision.upper()} over {self.pairs} pairs: FP {self.fp.successes}/{self.pairs}, quantized "
                 f"{self.quantized.successes}/{self.pairs} ({self.losses} lost, {self.gains} gained); Delta "
                 f"{self.mean_difference:+.3f} [{self.lower_bound:+.3f}, {self.upper_bound:+.3f}] against delta0 "
                 f"{self.delta0:+.3f}, p={self.p_value:.3g}; smallest detectable regression {self.detectable:.3f}; "
@@ -293,3 +298,63 @@ def paired_gate(fp: list[bool | None], quantized: list[bool | None], paper_delta
         return verdict("inconclusive", f"underpowered: {n} pairs detect regressions of {detectable:.3f} or more, "
                                        f"the bound asks {-delta0:.3f}; run more episodes")
     return verdict("inconclusive", "neither non-inferiority nor inferiority shown; run more episodes")
+
+
+# --------------------------------------------------------------------------- pairs as records
+def gate_outcome(success: bool, failure: str | None) -> tuple[bool | None, bool]:
+    """An episode as the gate counts it: (outcome, the policy errored). A policy error (the policy
+    or quantizer raised, or returned a non-finite action) is a failure of that arm; a simulator
+    error leaves the outcome unknown (None)."""
+    failure = failure or ""
+    if failure.startswith("simulator error"):
+        return None, False
+    return bool(success) and not failure, failure.startswith("policy error")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One pair as the gate counts it. fp / quantized: the outcome (None: unknown, a simulator
+    error or a pair that never finished); *_policy_error: that arm's policy errored."""
+
+    suite: str
+    task: int
+    init: int
+    fp: bool | None
+    quantized: bool | None
+    fp_policy_error: bool = False
+    q_policy_error: bool = False
+
+    @classmethod
+    def from_episodes(cls, suite: str, task: int, init: int, fp: tuple[bool, str | None],
+                      quantized: tuple[bool, str | None]) -> PairRecord:
+        """From each arm's (success, failure) as the runner reports them (EpisodeResult)."""
+        (f, fe), (q, qe) = gate_outcome(*fp), gate_outcome(*quantized)
+        return cls(suite, task, init, f, q, fe, qe)
+
+    @classmethod
+    def unfinished(cls, suite: str, task: int, init: int) -> PairRecord:
+        """A pair whose run did not finish (a crashed worker, an error outside the episodes): unknown
+        on both sides, never a success, so the gate is at best inconclusive."""
+        return cls(suite, task, init, None, None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PairRecord:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+def gates(pairs: Iterable[PairRecord], model: str, quantizer: str, margin: float,
+          confidence: float = 0.95) -> dict[str, Verdict]:
+    """One verdict per suite, in the order suites first appear, against the paper's
+    quantized-minus-FP delta for (model, quantizer, suite) minus `margin`."""
+    from quantvla.reference import paper_delta
+
+    by_suite: dict[str, list[PairRecord]] = {}
+    for p in pairs:
+        by_suite.setdefault(p.suite, []).append(p)
+    return {suite: paired_gate([p.fp for p in ps], [p.quantized for p in ps], paper_delta(model, quantizer, suite),
+                               margin, confidence, fp_errors=[p.fp_policy_error for p in ps],
+                               q_errors=[p.q_policy_error for p in ps])
+            for suite, ps in by_suite.items()}

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from quantvla import families
 from quantvla.calibration.buffer import CalibrationBuffer
 from quantvla.errors import QuantVLAError
 from quantvla.models import build
 from quantvla.models.observation import ModelInputs
-from quantvla.models.policy import NormStats, WordTokenizer
-from quantvla.tiny.demos import Demos
-from quantvla.tiny.features import ROBOT_DIM
-from quantvla.tiny.policy import StateAdapter, model_actions
+from quantvla.policy.adapters import NormStats, WordTokenizer
+from quantvla.policy.state import ROBOT_DIM, StateAdapter, model_actions
+from quantvla.trained.demos import Demos
 
 HELD_OUT_PER_TASK = 2  # demos kept out of training: the calibration buffer is drawn from them
 CALIBRATION_ENTRIES = 32
@@ -88,7 +88,7 @@ def _loss(model, inputs, chunk: torch.Tensor, gen: torch.Generator) -> torch.Ten
     target[:, :, :chunk.shape[2]] = chunk
     noise = torch.randn(target.shape, generator=gen)
     beta = torch.distributions.Beta(1.5, 1.0).sample((b,))  # uses the global RNG, seeded by train()
-    if model.family == "pi05":
+    if families.of(model).flow == "noise_at_one":  # openpi: x_t = t noise + (1 - t) actions
         t = beta * 0.999 + 0.001
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * target
         cache, pad = model.prefix_cache(inputs)

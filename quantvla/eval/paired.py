@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
+from quantvla import families
 from quantvla.errors import QuantVLAError
-from quantvla.eval.libero import gate_outcome
-from quantvla.eval.stats import paired_gate
+from quantvla.eval.gate import PairRecord, gates
 from quantvla.io import write_json_atomic
-from quantvla.reference import paper_delta
 
 SUITE_NAMES = {"spatial": "libero_spatial", "object": "libero_object", "goal": "libero_goal", "10": "libero_10",
                "long": "libero_10"}
@@ -26,27 +25,17 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
     """Each episode runs the FP model once and every quantized model on the same task, init state
     and seed; each quantizer's gate is decided per suite against the FP outcomes. `should_stop()`
     is asked after every pair: True ends the run there, with the report left "partial"."""
-    from quantvla import CalibrationBuffer, preset, quantize
+    from quantvla import preset, quantize
     from quantvla.eval.libero import TaskEnv
-    from quantvla.eval.policy import ModelPolicy
     from quantvla.eval.protocols import protocol_for
-    from quantvla.models import build
-    from quantvla.models.checkpoint import load_checkpoint
-    from quantvla.tiny.policy import is_bundle, load_bundle
+    from quantvla.policy.bundle import is_bundle
+    from quantvla.policy.model_policy import ModelPolicy
 
     torch.manual_seed(seed)
-    bundle = None
-    if checkpoint and is_bundle(checkpoint):  # a small trained policy: its own model, calibration, tasks
-        bundle = load_bundle(checkpoint)
-        if bundle.family != model_name:
-            raise QuantVLAError(f"{checkpoint} is a {bundle.family} policy, not {model_name}")
-        fp = bundle.model
-        calibration = bundle.calibration()
-    else:
-        fp = build(model_name, size)
-        if checkpoint:
-            load_checkpoint(fp, checkpoint)
-        calibration = CalibrationBuffer.synthetic(fp, 8, seed=seed)
+    # a small trained policy brings its own model, calibration and tasks
+    size = "trained" if checkpoint and is_bundle(checkpoint) else size
+    loaded = families.load_fp(model_name, size, checkpoint, entries=8, seed=seed)
+    fp, calibration, bundle = loaded.model, loaded.calibration, loaded.bundle
     models = {"fp": fp} | {name: quantize(fp, calibration, preset(name)) for name in quantizers}
     protocol = protocol_for(model_name)
     report = {"model": model_name, "config": bundle.meta["config_name"] if bundle else size, "checkpoint": checkpoint,
@@ -78,13 +67,11 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
             for env in envs.values():
                 env.close()
         rows = [e for e in report["episodes"] if e["suite"] == suite]
-
-        fp = [gate_outcome(e["fp"]["success"], e["fp"]["failure"]) for e in rows]
         for name in quantizers:
-            q = [gate_outcome(e["quantized"][name]["success"], e["quantized"][name]["failure"]) for e in rows]
-            verdict = paired_gate([o for o, _ in fp], [o for o, _ in q], paper_delta(model_name, name, suite), margin,
-                                  fp_errors=[e for _, e in fp], q_errors=[e for _, e in q])
-            report["gates"][name][suite] = verdict.to_dict()
+            arm = lambda r: (r["success"], r["failure"])  # noqa: E731
+            pairs = [PairRecord.from_episodes(suite, e["task"], e["init"], arm(e["fp"]), arm(e["quantized"][name]))
+                     for e in rows]
+            report["gates"][name][suite] = gates(pairs, model_name, name, margin)[suite].to_dict()
         write_json_atomic(out, report)
     report["partial"] = False  # every suite ran to the end
     write_json_atomic(out, report)
@@ -104,8 +91,8 @@ def task_list(bundle, suite: str) -> list[int]:
 def _print_table(report: dict, log) -> None:
     from tabulate import tabulate
     rows = []
-    for name, gates in report["gates"].items():
-        for suite, v in gates.items():
+    for name, by_suite in report["gates"].items():
+        for suite, v in by_suite.items():
             f, q = v["fp"], v["quantized"]  # the verdict already carries both Wilson intervals
             rows.append([name, suite, v["pairs"], f"{f['successes']}/{v['pairs']} [{f['low']:.2f}, {f['high']:.2f}]",
                          f"{q['successes']}/{v['pairs']} [{q['low']:.2f}, {q['high']:.2f}]", f"{v['delta0']:+.3f}",

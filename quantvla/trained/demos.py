@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantvla.errors import QuantVLAError
-from quantvla.eval.expert import PickPlaceExpert, goal_objects
-from quantvla.eval.libero import NOOP, _import_libero
+from quantvla.eval.expert import PickPlaceExpert
+from quantvla.eval.libero import NOOP, import_libero
 from quantvla.io import atomic_write
-from quantvla.tiny.features import object_tokens
+from quantvla.policy.state import goal_objects, object_tokens
 
 DEMO_SEED_BASE = 1_000_000  # reset seeds of demos: far from anything the evaluation derives
 WAIT_STEPS = 10
@@ -65,7 +65,7 @@ class Demos:
 
 def camera_free_env(suite: str, task_id: int):
     """A LIBERO env with no renderer and no camera observables (physics only)."""
-    benchmark, get_libero_path, _ = _import_libero()
+    benchmark, get_libero_path, _ = import_libero()
     from libero.libero.envs.env_wrapper import ControlEnv
     s = benchmark.get_benchmark_dict()[suite]()
     task = s.get_task(task_id)

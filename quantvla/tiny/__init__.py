@@ -1,1 +1,0 @@
-"""Small trained policies: expert demos, object-state features, flow-matching behaviour cloning."""
