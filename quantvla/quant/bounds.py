@@ -12,7 +12,7 @@ proportional to the magnitudes involved. The steps per bit-width b are
   weights                     Δw = r * max|W_t[n]| / (2^(b-1) - 1), r the chosen clip ratio
   activations, symmetric      Δx = max|x_t[m]| / (2^(b-1) - 1)
   activations, asymmetric     Δx = (max(x_t[m], 0) - min(x_t[m], 0)) / (2^b - 1)
-and clip_x = 0 for per-token grids (nothing is clipped); docs/bounds.md has the derivation.
+and clip_x = 0 for per-token grids (nothing is clipped); docs/quantizer.md ("The error bound") has the derivation.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ so the low nibbles hold columns [0, H) and the high nibbles columns [H, K) (a ze
 odd K). Unpacking yields two contiguous [N, H] int8 halves with one arithmetic shift each
 (hi = p >> 4, lo = (p << 4) >> 4), which feed the int8 GEMM directly without interleaving.
 (The common "even k in the low nibble" layout needs an interleave that costs more than the
-GEMM on CPU; see kernels.md.)
+GEMM on CPU; see docs/quantizer.md, "Integer GEMM".)
 """
 
 from __future__ import annotations
