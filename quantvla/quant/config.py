@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from quantvla.errors import QuantInputError
 
@@ -43,7 +43,7 @@ class WeightQuantConfig:
     rounding: Literal["nearest", "gptq"] = "nearest"
     gptq_damp: float = 0.1  # 0.01 (GPTQ's default) fits a 16-entry buffer too closely: docs/quantizer.md
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_bits(self.bits, "weight")
         if self.rounding not in ("nearest", "gptq"):
             raise QuantInputError(f"weight rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
@@ -69,7 +69,7 @@ class ActQuantConfig:
     symmetric: bool = False
     percentile: float = 99.9
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_bits(self.bits, "activation")
         if self.granularity not in ("per_token", "per_tensor"):
             raise QuantInputError(
@@ -99,7 +99,7 @@ class DuQuantConfig:
     permute: bool = True
     restore_output: bool = True  # svd variant only
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.block_size < 2:
             raise QuantInputError(f"DuQuant block_size must be >= 2, got {self.block_size}")
         if self.rotation not in ("greedy", "svd"):
@@ -123,11 +123,11 @@ class LinearQuantConfig:
     def tag(self) -> str:
         return f"w{self.weight.bits}a{self.act.bits}"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> LinearQuantConfig:
+    def from_dict(cls, d: dict[str, Any]) -> LinearQuantConfig:
         d = dict(d)
         w = WeightQuantConfig(**{**d.pop("weight", {}), })
         a = ActQuantConfig(**d.pop("act", {}))
@@ -136,7 +136,7 @@ class LinearQuantConfig:
 
 
 def linear_config(bits: str = "w4a8", transform: DuQuantConfig | None = None, backend: str = "auto",
-                  **act) -> LinearQuantConfig:
+                  **act: Any) -> LinearQuantConfig:
     """Shorthand: linear_config("w4a8") -> 4-bit weights, 8-bit per-token asymmetric activations."""
     try:
         wb, ab = bits.lower().removeprefix("w").split("a")
