@@ -1,4 +1,4 @@
-"""The built-in checks as pytest Items, with readable ids like quantvla/pi05/w4a8/kernel_exact[cpu-w4]."""
+"""The built-in checks as pytest Items, with readable ids like quantvla/<model>/w4a8/kernel_exact[cpu-w4]."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 linear and the DiT MLPs; DiT attention and the vision tower stay in floating point), as callables
 of the quantvla.quantizer protocol with their bit-width declared:
 
-    pytest --quantvla-model=pi05 --quantvla-quantizer=quantvla.thirdparty:torchao_int8_dynamic
+    pytest --quantvla-model=<family> --quantvla-quantizer=quantvla.thirdparty:torchao_int8_dynamic
 
 Needs the optional extra: pip install 'pytest-quantvla[third-party]' (torchao, optimum-quanto).
 What runs on CPU (torchao 0.18, optimum-quanto 0.2.7):

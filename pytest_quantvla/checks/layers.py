@@ -35,11 +35,11 @@ ADVERSARIAL_EXAMPLES = 25
 # The reference quantizer's layer errors are deterministic for a seed on a machine; between CPUs the
 # integer GEMMs stay exact and only fp32 rounding (transform, epilogue, FP model) differs (goldens
 # re-recorded on another host moved by about 1e-5 relative), far inside 25%. Measured on the trained policies,
-# per-tensor weight scales raise the worst layer's error 1.76x (pi05) / 1.77x (GR00T), one
+# per-tensor weight scales raise the worst layer's error 1.76x (pi0.5) / 1.77x (GR00T), one
 # activation range per tensor 1.39x / 1.37x.
 BUDGET_FACTOR = 1.25
 # Magnitudes a foreign layer is held to under Hypothesis (the reference: 1e-6..1e6). Libraries floor
-# their dynamic scales at float32 eps: torchao's int8 dynamic activations on pi05's trained policy
+# their dynamic scales at float32 eps: torchao's int8 dynamic activations on pi0.5's trained policy
 # give relative error 0.0128 at every scale from 1e-4 to 1e6 and 0.048 at 1e-6 (single rows 0.075),
 # a documented design choice rather than a fault, and activations that small do not occur in a VLA.
 FOREIGN_SCALES = (1e-2, 1e2)

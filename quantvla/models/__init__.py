@@ -1,8 +1,8 @@
 """The model zoo in plain torch, with the real module names; the families are registered in
 quantvla.families (which model class, configs, checkpoint layouts, protocol).
 
-    model = build("pi05", "tiny")                   # or "full", or a config instance
-    with torch.device("meta"): big = build("gr00t-n15", "full")   # allocates nothing
+    model = build(name, "tiny")                     # name: quantvla.families.names(); or "full", a config
+    with torch.device("meta"): big = build(name, "full")   # allocates nothing
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Safetensors checkpoints in the real key layouts, loaded with strict validation.
 
 A layout is a prefix on every key, plus aliases, ignored keys and the part of the model it holds;
-each family lists its own beside its model (LAYOUTS in quantvla/models/pi05.py, gr00t_n15.py) and
+each family lists its own beside its model (LAYOUTS in its model module) and
 registers them in quantvla.families: openpi / LeRobot for pi0.5, Isaac-GR00T / LeRobot and
 action-head-only files for GR00T N1.5.
 A checkpoint is a .safetensors file, or a folder holding model.safetensors or a sharded set with

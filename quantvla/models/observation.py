@@ -14,7 +14,7 @@ class ModelInputs:
     image_mask: torch.Tensor  # [B, n_images] bool
     tokens: torch.Tensor  # [B, L] int64
     token_mask: torch.Tensor  # [B, L] bool
-    state: torch.Tensor | None = None  # [B, state_dim] (GR00T; pi05_libero never sees state)
+    state: torch.Tensor | None = None  # [B, state_dim] (GR00T; openpi's LIBERO config feeds none)
     # [B, n_objects, object_dim]: object-state tokens, the state-based stand-in for the camera of
     # the small trained policies (models whose config has object_dim > 0); never a real VLA input
     objects: torch.Tensor | None = None

@@ -3,7 +3,7 @@
 Per model family, as each model's own LIBERO pipeline does it (the facts are in the family's
 record, quantvla.families; shared/docs/models.md has the sources):
   openpi (pi0.5)    both images rotated 180 deg, resized with padding to the model's image size,
-                    [-1, 1]; prompt = the task's language; pi05_libero never sees the state;
+                    [-1, 1]; prompt = the task's language; openpi's LIBERO config never feeds the state;
                     actions: the first 7 dims, quantile-unnormalized with q01/q99 (openpi
                     norm_stats.json); the gripper is LIBERO's own (-1 open, +1 closed).
   Isaac-GR00T       images rotated 180 deg, center crop 0.95, resized; state = eef_pos, axis-angle,

@@ -1,10 +1,12 @@
 """Behaviour cloning of the small state-based policies with each family's flow-matching objective.
 
-    python -m quantvla train-tiny --model pi05 --demos demos.safetensors --out golden/policies/pi05-tiny-state
+    python -m quantvla train-tiny --model <family> --demos demos.safetensors --out <policy folder>
 
-pi05   (openpi): x_t = t noise + (1 - t) actions, target velocity noise - actions, t ~ Beta(1.5, 1)
+(docs/policies.md has the commands that made the shipped policies.) The family's record says
+which convention its flow matching uses (quantvla.families.Family.flow):
+noise_at_one (openpi, pi0.5): x_t = t noise + (1 - t) actions, target velocity noise - actions, t ~ Beta(1.5, 1)
        scaled into [0.001, 1]; the prefix (object tokens + instruction) runs with gradients.
-gr00t  (GR00T): x_t = (1 - t) noise + t actions, target actions - noise, t = 0.999 (1 - Beta(1.5, 1)),
+data_at_one (GR00T N1.5): x_t = (1 - t) noise + t actions, target actions - noise, t = 0.999 (1 - Beta(1.5, 1)),
        discretized to 1000 buckets; the robot token is also its proprioceptive state.
 Targets are action chunks of the model's horizon from each demo step, padded with the episode's
 last action. Seeded end to end: the same demos and seed give the same weights.
