@@ -70,8 +70,9 @@ def output_error_bound(layer: QuantLinear, weight: torch.Tensor, x: torch.Tensor
     wt_abs = w_t.abs()
     e = dx @ wt_abs.t() + (x_t.to(torch.float64).abs() + dx) @ dw.t()
     # rounding slack: fp32 transform (sums of up to a block of terms, rebuilt rotations), fp32 epilogue
-    block = layer.config.transform.block_size if layer.transform is not None else 1
-    steps = layer.config.transform.rotation_steps if layer.transform is not None else 0
+    t_cfg = layer.config.transform
+    block = t_cfg.block_size if layer.transform is not None and t_cfg is not None else 1
+    steps = t_cfg.rotation_steps if layer.transform is not None and t_cfg is not None else 0
     rel = UNIT_ROUNDOFF * (8 * block * (steps + 2) + 32)
     mag = _abs_transform(layer, x2) @ (wt_abs + dw).t()
     e = e + rel * mag

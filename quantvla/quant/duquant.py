@@ -25,6 +25,7 @@ transform is function-preserving up to float rounding even for fp32-stored rotat
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ class BlockLayout:
         return [self.size] * self.n_full + ([self.rem] if self.rem else [])
 
 
-def _householder_chain(idx: torch.Tensor, size: int, dtype: torch.dtype, device) -> torch.Tensor:
+def _householder_chain(idx: torch.Tensor, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Product of reflections H(j) = I - 2 v v^T / |v|^2, v = e_j - 1/sqrt(size), per block.
 
     idx: int [n, steps], -1 = no step. Returns [n, size, size] with R = H(j_0) H(j_1) ...
@@ -91,12 +92,17 @@ def apply_blocks(x: torch.Tensor, layout: BlockLayout, full: torch.Tensor, rem: 
 def _inv(mats: torch.Tensor, transpose: bool) -> torch.Tensor:
     if not mats.numel():
         return mats
-    inv = torch.linalg.inv(mats)
+    inv: torch.Tensor = torch.linalg.inv(mats)
     return inv.mT if transpose else inv
 
 
 class BlockRotation(nn.Module):
     """A block-diagonal orthogonal matrix, stored as Householder indices or dense blocks."""
+
+    index: torch.Tensor  # householder: int16 [blocks, steps], -1 = no step
+    full: torch.Tensor  # dense: [n_full, size, size]
+    rem: torch.Tensor  # dense: [rem, rem]
+    _plan: tuple[Any, list[Any]] | None
 
     def __init__(self, k: int, block_size: int, kind: str, steps: int = 0):
         super().__init__()
@@ -119,7 +125,7 @@ class BlockRotation(nn.Module):
             torch.zeros(0, 0, dtype=dtype, device=dev)
         return full, rem
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # not nn.Module.apply(fn)
         """x [M, K] times blockdiag(R). A rotation without reflections returns x itself."""
         if self.kind == "householder":
             return self._reflect(x)
@@ -144,13 +150,13 @@ class BlockRotation(nn.Module):
                 view.scatter_add_(2, jj, -d[:, :, None])
         return out
 
-    def _reflection_plan(self, dtype: torch.dtype, device: torch.device) -> list:
+    def _reflection_plan(self, dtype: torch.dtype, device: torch.device) -> list[Any]:
         """[(first column, blocks, size, u, [(index [1, blocks, 1], coef-or-0 [blocks]) per step])] for
         each group of equal blocks that has a reflection. Built from `index` on first use and again
         when index is replaced or edited (load_state_dict, copy_) or the dtype/device changes; it
         holds two small vectors per step (cache_nbytes())."""
         key = (weight_identity(self.index), dtype, device)
-        cached = getattr(self, "_plan", None)
+        cached: tuple[Any, list[Any]] | None = getattr(self, "_plan", None)
         if cached is not None and cached[0] == key:
             return cached[1]
         lay = self.layout
@@ -181,11 +187,11 @@ class BlockRotation(nn.Module):
             return 0
         return sum(t.numel() * t.element_size() for *_, steps in cached[1] for pair in steps for t in pair)
 
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), ...: the plan is rebuilt for the new index
+    def _apply(self, fn: Any, recurse: bool = True) -> BlockRotation:  # .to(), .cuda(): the plan is rebuilt
         self._plan = None
-        return super()._apply(fn, recurse)
+        return cast(BlockRotation, super()._apply(fn, recurse))  # type: ignore[no-untyped-call]
 
-    def __getstate__(self):  # pickling / deepcopy: the plan is a cache, not state
+    def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the plan is a cache, not state
         return {**self.__dict__, "_plan": None}
 
     def apply_inverse(self, w: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -272,11 +278,18 @@ def _alternating(energy: torch.Tensor) -> torch.Tensor:
 def _weight_svd_rotation(w_rows_by_block: torch.Tensor) -> torch.Tensor:
     """[n, b, N] blocks -> [n, b, b] orthogonal: left singular vectors (eigvecs of A A^T)."""
     gram = w_rows_by_block @ w_rows_by_block.mT
-    return torch.linalg.eigh(gram).eigenvectors.flip(-1)
+    vectors: torch.Tensor = torch.linalg.eigh(gram).eigenvectors
+    return vectors.flip(-1)
 
 
 class DuQuantTransform(nn.Module):
     """The per-layer transform. Build it empty with the layer's sizes and config, then `fit`."""
+
+    smooth: torch.Tensor | None  # buffers, None where the config turns the step off
+    perm: torch.Tensor | None
+    rot1: BlockRotation | None  # greedy: the first rotation (before the permutation)
+    rot2: BlockRotation
+    out_rot: BlockRotation | None  # svd with restore_output: the output-side rotation
 
     def __init__(self, in_features: int, out_features: int, cfg: DuQuantConfig):
         super().__init__()
@@ -350,6 +363,7 @@ class DuQuantTransform(nn.Module):
             )
         x = None if calib is None else calib.detach().reshape(-1, k).to(torch.float64)
         if self.smooth is not None:
+            x = cast(torch.Tensor, x)  # needs_activations: checked above
             a = cfg.smooth_strength
             act_max = x.abs().amax(dim=0)
             w_max = w.abs().amax(dim=0)
@@ -360,10 +374,11 @@ class DuQuantTransform(nn.Module):
             s = self.smooth.to(torch.float64)
             x, w = x / s, w * s
         if cfg.rotation == "greedy":
-            _greedy_rotation(x, self.rot1, cfg.rotation_steps)
-            x = self.rot1.apply(x)
+            x, rot1 = cast(torch.Tensor, x), cast(BlockRotation, self.rot1)  # needs_activations; built for greedy
+            _greedy_rotation(x, rot1, cfg.rotation_steps)
+            x = rot1.apply(x)
             if self.perm is not None:
-                self.perm.copy_(_zigzag(x.abs().amax(dim=0), self.rot1.layout).to(torch.int32))
+                self.perm.copy_(_zigzag(x.abs().amax(dim=0), rot1.layout).to(torch.int32))
                 x = x.index_select(1, self.perm.long())
             _greedy_rotation(x, self.rot2, cfg.rotation_steps)
         else:

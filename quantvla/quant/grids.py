@@ -11,6 +11,7 @@ an element outside it is clipped to the nearest end of the range.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -146,7 +147,7 @@ def quantize_activation(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torc
         if static_scale is None:
             raise ValueError("per-tensor activation quantization needs a calibrated scale")
         scale = static_scale.reshape(1, 1).to(torch.float32)
-        zero = None if cfg.symmetric else static_zero.reshape(1, 1).to(torch.int32)
+        zero = None if cfg.symmetric else cast(torch.Tensor, static_zero).reshape(1, 1).to(torch.int32)
         zero_f = None if zero is None else zero.to(torch.float32)
     # One fixed order of operations: q = clamp(round(x / scale) + zero); every backend shares it.
     q = torch.div(x, scale).round_()

@@ -35,6 +35,7 @@ import platform
 import threading
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -225,7 +226,7 @@ def _onednn_int_mm(qx: torch.Tensor, w: torch.Tensor, pk: PrepackedWeight) -> to
     # the u8 one with zero point 128 is brgemm wherever VNNI is. As uint8, x + 128 is x's bit pattern
     # with the top bit flipped.
     xu = torch.bitwise_xor((F.pad(qx, (0, 1)) if qx.shape[1] == 1 else qx).view(torch.uint8), 128)
-    y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, pk.handle, pk.ones, pk.zeros, None, 1.0, 0,
+    y: torch.Tensor = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, pk.handle, pk.ones, pk.zeros, None, 1.0, 0,
                                            torch.float32, "none", [], "")
     if pk.always_exact:
         return y.to(torch.int32)  # below 2^24 float(acc) is acc itself
@@ -351,7 +352,10 @@ def _self_test_probes() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Operands that break broken int8 GEMMs: random, all-max, all-min and mixed-sign saturating
     sums past 2^24 at K = 2048, a tiny K = 3 and the K = 1 case torch 2.13 gets wrong."""
     gen = torch.Generator().manual_seed(0)
-    full = lambda v, *shape: torch.full(shape, v, dtype=torch.int8)  # noqa: E731
+
+    def full(v: int, *shape: int) -> torch.Tensor:
+        return torch.full(shape, v, dtype=torch.int8)
+
     return [
         (torch.randint(-128, 128, (32, 2048), generator=gen, dtype=torch.int8),
          torch.randint(-128, 128, (64, 2048), generator=gen, dtype=torch.int8)),
@@ -401,7 +405,7 @@ def onednn_unavailable_reason() -> str:
 
 
 def _onednn_self_test() -> str:
-    if not hasattr(torch.ops.onednn, "qlinear_pointwise") or not torch.backends.mkldnn.is_available():
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise") or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return "this torch build has no oneDNN quantized linear"
     if not cpu_kernel_ok():
         return "the cpu backend's GEMM failed its own self-test"
@@ -428,7 +432,7 @@ def _warn_if_reference_kernel() -> None:
                       RuntimeWarning, stacklevel=4)
 
 
-def _best_of(fn, repeats: int = 3) -> float:
+def _best_of(fn: Callable[[], object], repeats: int = 3) -> float:
     fn()  # JIT
     best = float("inf")
     for _ in range(repeats):

@@ -11,6 +11,8 @@ The source nn.Linear is never modified.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -25,6 +27,15 @@ ACC_LIMIT = 2**31 - 1
 
 
 class QuantLinear(nn.Module):
+    # buffers (register_buffer below); None where the config has no use for them
+    qweight: torch.Tensor
+    w_scale: torch.Tensor
+    w_sum: torch.Tensor | None
+    bias: torch.Tensor | None
+    act_scale: torch.Tensor | None
+    act_zero: torch.Tensor | None
+    _prepacked: kernels.PrepackedWeight | None
+
     def __init__(self, in_features: int, out_features: int, bias: bool, config: LinearQuantConfig,
                  name: str = ""):
         super().__init__()
@@ -101,7 +112,7 @@ class QuantLinear(nn.Module):
         if layer.w_sum is not None:
             layer.w_sum.copy_(q.to(torch.int32).sum(dim=1))
         if linear.bias is not None:
-            layer.bias.copy_(linear.bias.detach().to(torch.float32))
+            cast(torch.Tensor, layer.bias).copy_(linear.bias.detach().to(torch.float32))
         if layer.act_scale is not None:
             if calib is None:
                 raise QuantInputError(f"layer {where}: per-tensor activation quantization needs calibration "
@@ -112,7 +123,7 @@ class QuantLinear(nn.Module):
             s, z = grids.calibrate_static(x_t, config.act)
             layer.act_scale.copy_(s)
             if z is not None:
-                layer.act_zero.copy_(z)
+                cast(torch.Tensor, layer.act_zero).copy_(z)
         return layer
 
     # --------------------------------------------------------------------------- runtime
@@ -153,11 +164,12 @@ class QuantLinear(nn.Module):
         backend = backend or self.config.backend
         acc = kernels.int_linear(qa.q, self.qweight, self.in_features, self.config.weight.bits, backend,
                                  self._prepacked_weight() if backend == "onednn" else None)
-        if qa.zero is not None:  # acc -= z_x (outer) w_sum, exact in int32
+        if qa.zero is not None:  # acc -= z_x (outer) w_sum, exact in int32 (asymmetric grids keep w_sum)
+            w_sum = cast(torch.Tensor, self.w_sum)
             if acc.is_cpu:  # one pass, no [M, N] temporary
-                acc.addr_(qa.zero.view(-1).expand(acc.shape[0]), self.w_sum, alpha=-1)
+                acc.addr_(qa.zero.view(-1).expand(acc.shape[0]), w_sum, alpha=-1)
             else:
-                acc.sub_(qa.zero * self.w_sum)
+                acc.sub_(qa.zero * w_sum)
         # fixed epilogue order, shared by every backend: ((float(acc) * s_x) * s_w) (restore) + bias;
         # int32 * float32 promotes in the same pass as the cast (bit-identical to cast, then multiply)
         y = torch.mul(acc, qa.scale).mul_(self.w_scale)
@@ -178,11 +190,11 @@ class QuantLinear(nn.Module):
             self._prepacked = pk = kernels.onednn_prepack(self.qweight)
         return pk
 
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), ...: the cache follows qweight lazily
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:  # .to(), .cuda(): the cache follows qweight lazily
         self._prepacked = None
-        return super()._apply(fn, recurse)
+        return cast(QuantLinear, super()._apply(fn, recurse))  # type: ignore[no-untyped-call]
 
-    def __getstate__(self):  # pickling / deepcopy: the opaque oneDNN tensor is a cache, not state
+    def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the opaque oneDNN tensor is a cache, not state
         return {**self.__dict__, "_prepacked": None}
 
     # ---------------------------------------------------------------------- inspection
