@@ -46,3 +46,12 @@ def test_overlapping_or_foreign_shards_are_refused(tmp_path):
     (tmp_path / "o.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="different runs"):
         merge([a, tmp_path / "o.json"])
+
+
+def test_reports_without_pairs_are_refused_not_passed(tmp_path):
+    """A report of a run without -m libero (or from before reports held "pairs") decides nothing."""
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"run": RUN, "checks": {}, "gates": {}}))
+    with pytest.raises(ValueError, match="no LIBERO pairs"):
+        merge([a])
+    assert main(["merge-reports", str(tmp_path / "out.json"), str(a)]) == 2

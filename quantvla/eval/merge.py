@@ -24,6 +24,9 @@ def merge(reports: list[Path], margin: float | None = None) -> dict:
             if key in pairs and pairs[key] != record:
                 raise ValueError(f"pair {key} appears in two reports with different outcomes: shards overlap")
             pairs[key] = record
+    if not pairs:  # nothing to decide must never read as a passing gate
+        raise ValueError("the reports hold no LIBERO pairs (\"pairs\"): were they written with -m libero, by "
+                         "this version of pytest-quantvla?")
     keys = {(r["model"], r["size"], r["bits"], r["quantizer"], r["seed"]) for r in runs}
     if len(keys) != 1:
         raise ValueError(f"the reports come from different runs: {sorted(keys)}")
