@@ -19,6 +19,7 @@ from pytest_quantvla.fixtures import (  # noqa: F401 - registered as the plugin'
     quantvla_run,
     quantvla_statistics,
 )
+from pytest_quantvla.report import PAIR
 
 MARKERS = {
     "libero": "LIBERO success-rate gates (real simulator; nightly or on demand)",
@@ -111,7 +112,7 @@ class Reporter:
             entry["outcome"] = "failed"
             entry["message"] = str(report.longrepr)[-2000:]
         entry.update(dict(report.user_properties))
-        if entry.get("kind") == "libero_pair" and report.when == "call":
+        if entry.get("kind") == PAIR and report.when == "call":
             self._progress(entry)
 
     def _progress(self, entry: dict) -> None:
@@ -122,7 +123,7 @@ class Reporter:
         now = time.monotonic()
         if self._started is None:
             self._started = now - float(entry.get("fp_wall_s", 0) + entry.get("q_wall_s", 0))
-        pairs = [r for r in self.results.values() if r.get("kind") == "libero_pair"]
+        pairs = [r for r in self.results.values() if r.get("kind") == PAIR]
         total = run.episodes * len(run.suites or (None,))
         fp = sum(bool(r.get("fp_success")) for r in pairs)
         q = sum(bool(r.get("q_success")) for r in pairs)

@@ -44,14 +44,16 @@ class CheckResult:
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {"kind": self.kind, **self.extra, **own}
 
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> Any:
+        """This result from a flat dict of measurements: its fields, the rest as `extra`."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: values[k] for k in names}, extra={k: v for k, v in values.items() if k not in names})
+
     @staticmethod
     def from_dict(entry: dict[str, Any]) -> CheckResult | None:
         """The result a reported entry holds, or None (a failed check measured nothing)."""
         cls = _KINDS.get(entry.get("kind", ""))
-        if cls is None:
+        if cls is None or not {f.name for f in dataclasses.fields(cls)} - {"extra"} <= entry.keys():
             return None
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        if not names <= entry.keys():
-            return None
-        extra = {k: v for k, v in entry.items() if k not in names and k not in _ENTRY_KEYS}
-        return cls(**{k: entry[k] for k in names}, extra=extra)
+        return cls.from_values({k: v for k, v in entry.items() if k not in _ENTRY_KEYS})

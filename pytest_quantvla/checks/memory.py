@@ -5,7 +5,6 @@ against the paper (reference/paper.json): pi0.5 4.27 -> 1.28 GB (70.0% saved), G
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -60,13 +59,6 @@ class FullSizeMemoryResult(CheckResult):
         return f"<= {self.paper_quantized} GB, >= {self.paper_saving:.1%} saved"
 
 
-def _split(report: dict, cls: type[CheckResult], **more) -> dict:
-    """A MemoryReport's dict as a result's fields and its extra measurements."""
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
-    values = {**report, **more}
-    return {**{k: values[k] for k in names}, "extra": {k: v for k, v in values.items() if k not in names}}
-
-
 def budget(fp, quantized_names, wbits: int) -> int:
     """What the components may store: kept linears in FP16, quantized ones at wbits per weight plus
     the per-channel allowance. A fake-quantized layer (float weights, replaced or changed in place)
@@ -99,7 +91,7 @@ def measured(run) -> MemoryResult:
     if rep.resident_bytes > rep.storage_bytes * 1.01:
         raise CheckFailed(f"layers keep {rep.resident_bytes - rep.storage_bytes} bytes alive beyond what they "
                           "store (caches): resident memory would not match the claim")
-    return MemoryResult(**_split(rep.to_dict(), MemoryResult, budget_bytes=limit))
+    return MemoryResult.from_values({**rep.to_dict(), "budget_bytes": limit})
 
 
 def full_size(run, ref: dict, preset_name: str) -> FullSizeMemoryResult:
@@ -111,8 +103,8 @@ def full_size(run, ref: dict, preset_name: str) -> FullSizeMemoryResult:
     if got_q > want_q or rep.saving < want_saving:
         raise CheckFailed(f"full-size {run.model}: {rep.fp16_bytes / GIB:.2f} -> {got_q:.3f} GiB "
                           f"({rep.saving:.1%} saved); the paper: {ref['fp16']} -> {want_q} ({want_saving:.1%} saved)")
-    return FullSizeMemoryResult(**_split(rep.to_dict(), FullSizeMemoryResult, paper_fp16=ref["fp16"],
-                                         paper_quantized=want_q, paper_saving=want_saving))
+    return FullSizeMemoryResult.from_values({**rep.to_dict(), "paper_fp16": ref["fp16"], "paper_quantized": want_q,
+                                             "paper_saving": want_saving})
 
 
 def checks(run):
