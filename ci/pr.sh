@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { local t0=$SECONDS; "$@"; echo "ci: '$*' took $((SECONDS - t0)) s"; }
 step ruff check quantvla pytest_quantvla tests
-step mypy --strict quantvla/quant
+step mypy --strict quantvla/quant pytest_quantvla
 step python -m pytest -n 2 tests -q -m "not slow"
 step python -m pytest -n 2 tests -q -m slow
 step python -m pytest -n 2 tests -q -m property --hypothesis-profile=ci

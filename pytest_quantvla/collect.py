@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from _pytest._code.code import TerminalRepr, TracebackStyle
 
 from pytest_quantvla.results import CheckResult
 from quantvla.errors import QuantVLAError
@@ -42,12 +44,13 @@ class CheckItem(pytest.Item):
         if result is not None:
             self.user_properties.extend(result.to_dict().items())
 
-    def repr_failure(self, excinfo, style=None):
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
+                     style: TracebackStyle | None = None) -> str | TerminalRepr:
         from pytest_quantvla.golden import GoldenError
 
         if isinstance(excinfo.value, (CheckFailed, QuantVLAError, GoldenError)):
             return f"{self.name}: {excinfo.value}"
         return super().repr_failure(excinfo, style=style)
 
-    def reportinfo(self):
+    def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, self.name

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
+from pytest_quantvla.options import RunConfig
 from quantvla.io import write_json_atomic
 
 # Tolerances. Statistics are deterministic for a seed on one machine; these absorb BLAS and
@@ -17,7 +19,7 @@ REL_ACTION = 0.25  # action MSE: 25% relative (a squared, small quantity)
 ABS_ACTION = 1e-9
 
 
-def folder(run) -> Path:
+def folder(run: RunConfig) -> Path:
     """Where a run's golden lives: --quantvla-golden-dir when given; else the goldens shipped with
     the plugin for the reference quantizer and its presets, and <rootdir>/quantvla-golden for a
     third-party quantizer (its own regression baseline, recorded on its first run, for its owner to
@@ -32,7 +34,7 @@ def folder(run) -> Path:
     return (run.rootdir or Path.cwd()) / "quantvla-golden"
 
 
-def golden_name(run) -> str:
+def golden_name(run: RunConfig) -> str:
     q = run.quantizer_name
     if ":" in q or "." in q:
         q = q.replace(":", "_").replace(".", "_") + f"-{run.bits}"
@@ -40,11 +42,11 @@ def golden_name(run) -> str:
     return f"{run.model}-{run.size}-{q}{seed}.json"
 
 
-def _close(a, b, rel, abs_):
+def _close(a: float, b: float, rel: float, abs_: float) -> bool:
     return abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
 
 
-def compare(expected: dict, got: dict) -> list[str]:
+def compare(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
     """Differences beyond tolerance, as readable lines (empty when everything matches)."""
     try:
         return _compare(expected, got)
@@ -53,7 +55,7 @@ def compare(expected: dict, got: dict) -> list[str]:
                           "--quantvla-update-golden") from None
 
 
-def _compare(expected: dict, got: dict) -> list[str]:
+def _compare(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
     out = []
     if expected.get("quantized_layers") != got.get("quantized_layers"):
         out.append(f"quantized layers: {expected.get('quantized_layers')} -> {got.get('quantized_layers')}")
@@ -86,7 +88,7 @@ class GoldenError(ValueError):
     """A golden file that cannot be read or lacks what a comparison needs."""
 
 
-def load(path: Path) -> dict | None:
+def load(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
@@ -98,7 +100,7 @@ def load(path: Path) -> dict | None:
         raise GoldenError(f"golden {path} is corrupt ({err}); regenerate it with --quantvla-update-golden") from None
 
 
-def write(path: Path, data: dict) -> None:
+def write(path: Path, data: dict[str, Any]) -> None:
     """Stamped with the library version that measured it (compare() ignores the stamp)."""
     from quantvla import __version__
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,13 @@ class RunConfig:
         """The quantizer as goldens and the paper's table name it ("quantvla" -> "quantvla-<bits>")."""
         from quantvla.presets import preset_name
         return preset_name(self.quantizer, self.bits)
+
+    @property
+    def family(self) -> str:
+        """The model family under test. Only runs with --quantvla-model collect checks or build a model."""
+        if self.model is None:
+            raise pytest.UsageError("this needs --quantvla-model (or the quantvla_model ini key)")
+        return self.model
 
     @property
     def prefix(self) -> str:
@@ -98,14 +106,14 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini("quantvla_allow_inconclusive", "see --quantvla-allow-inconclusive", type="bool", default=False)
 
 
-def _value(config: pytest.Config, name: str):
+def _value(config: pytest.Config, name: str) -> Any:
     cli = config.getoption(f"quantvla_{name}")
     return cli if cli is not None else (config.getini(f"quantvla_{name}") or None)
 
 
 def parse(config: pytest.Config) -> RunConfig:
     """CLI > ini > defaults. An invalid value is a usage error listing the valid choices."""
-    values = {}
+    values: dict[str, Any] = {}
     for name, _, _, choices in _OPTIONS:
         v = _value(config, name)
         if v is not None and choices is not None and v not in choices:
@@ -152,11 +160,14 @@ def parse(config: pytest.Config) -> RunConfig:
     _check_outputs(values, bool(_value(config, "update_golden")))
     bits = _bits_of(values["quantizer"] or "quantvla", values["bits"]) if values["model"] else \
         values["bits"] or DEFAULT_BITS
-    path = lambda v: Path(v) if v else None  # noqa: E731
     return RunConfig(values["model"], values["config"], bits, device, seed,
-                     values["quantizer"] or "quantvla", checkpoint, path(values["golden_dir"]),
-                     bool(_value(config, "update_golden")), path(values["report"]), episodes, suites, margin,
-                     path(values["record"]), bool(_value(config, "allow_inconclusive")), Path(config.rootpath))
+                     values["quantizer"] or "quantvla", checkpoint, _path_or_none(values["golden_dir"]),
+                     bool(_value(config, "update_golden")), _path_or_none(values["report"]), episodes, suites, margin,
+                     _path_or_none(values["record"]), bool(_value(config, "allow_inconclusive")), Path(config.rootpath))
+
+
+def _path_or_none(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def _bits_of(quantizer: str, bits: str | None) -> str:
@@ -202,7 +213,7 @@ def _margin(raw: str) -> float:
         raise pytest.UsageError(f"--quantvla-margin={err}") from None
 
 
-def _check_outputs(values: dict, update_golden: bool) -> None:
+def _check_outputs(values: dict[str, Any], update_golden: bool) -> None:
     """Every path the run will write, checked before anything is built, so no result is lost at the end."""
     if values["report"]:
         report = Path(values["report"])

@@ -5,6 +5,7 @@ user_properties, so the controller aggregates them the same way with or without 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -20,6 +21,11 @@ from pytest_quantvla.fixtures import (  # noqa: F401 - registered as the plugin'
     quantvla_statistics,
 )
 from pytest_quantvla.report import PAIR
+
+if TYPE_CHECKING:
+    from _pytest.terminal import TerminalReporter
+
+    from quantvla.eval.gate import Verdict
 
 MARKERS = {
     "libero": "LIBERO success-rate gates (real simulator; nightly or on demand)",
@@ -60,7 +66,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Append the built-in checks before -m/-k deselection runs. Every xdist worker builds the
     same sorted list, so the controller sees identical collections."""
     run = config.stash[options.RUN_KEY]
@@ -82,6 +88,10 @@ def _distributed(config: pytest.Config) -> bool:
     return bool(getattr(config.option, "numprocesses", None)) and not getattr(config.option, "collectonly", False)
 
 
+def _marked_libero_or_slow(name: str, /, **_: str | int | bool | None) -> bool:
+    return name in ("libero", "slow")
+
+
 def selects_libero(markexpr: str) -> bool:
     """Whether -m selects the LIBERO pair items (marked libero and slow): "libero" yes,
     "not libero" or "not slow" no. The pairs are built only when asked for by name."""
@@ -90,9 +100,13 @@ def selects_libero(markexpr: str) -> bool:
     from _pytest.mark.expression import Expression
 
     try:
-        return Expression.compile(markexpr).evaluate(lambda name, **_: name in ("libero", "slow"))
+        return Expression.compile(markexpr).evaluate(_marked_libero_or_slow)
     except Exception:  # pytest reports a malformed -m itself
         return True
+
+
+def _mark(ok: bool | None) -> str:
+    return "ok" if ok else ("error" if ok is None else "--")
 
 
 class Reporter:
@@ -101,7 +115,7 @@ class Reporter:
 
     def __init__(self, config: pytest.Config):
         self.config = config
-        self.results: dict[str, dict] = {}
+        self.results: dict[str, dict[str, Any]] = {}
         self._started: float | None = None  # when the first LIBERO pair began (for the time left)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -115,7 +129,7 @@ class Reporter:
         if entry.get("kind") == PAIR and report.when == "call":
             self._progress(entry)
 
-    def _progress(self, entry: dict) -> None:
+    def _progress(self, entry: dict[str, Any]) -> None:
         """One live line per finished pair: which, the running tally, and the time left."""
         import time
 
@@ -128,22 +142,23 @@ class Reporter:
         fp = sum(bool(r.get("fp_success")) for r in pairs)
         q = sum(bool(r.get("q_success")) for r in pairs)
         left = (now - self._started) / len(pairs) * max(0, total - len(pairs))
-        mark = lambda ok: "ok" if ok else ("error" if ok is None else "--")  # noqa: E731
         where = f"{entry['suite']}/task{entry['task']}/init{entry['init']:02d}"
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
-            tr.write_line(f"LIBERO {where}: FP {mark(entry.get('fp_success'))}, quantized "
-                          f"{mark(entry.get('q_success'))} | {len(pairs)}/{total} pairs, FP {fp}, quantized {q}, "
+            tr.write_line(f"LIBERO {where}: FP {_mark(entry.get('fp_success'))}, quantized "
+                          f"{_mark(entry.get('q_success'))} | {len(pairs)}/{total} pairs, FP {fp}, quantized {q}, "
                           f"about {left / 60:.1f} min left")
 
-    def gate_verdicts(self) -> dict:
+    def gate_verdicts(self) -> dict[str, Verdict]:
         """Per suite: the paired non-inferiority verdict over the LIBERO pairs that ran."""
         from quantvla.eval.gate import gates
 
         run = self.config.stash[options.RUN_KEY]
-        return gates(report.pair_records(self.results), run.model, run.quantizer_name, run.margin)
+        if run.model is None:  # no model, no checks: nothing to decide
+            return {}
+        return gates(report.pair_records(self.results), run.family, run.quantizer_name, run.margin)
 
-    def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int | pytest.ExitCode) -> None:
         """A failing gate fails the run; so does an inconclusive one unless the user accepts it.
         An interrupted run decides nothing: its report says it is partial."""
         run = self.config.stash[options.RUN_KEY]
@@ -155,7 +170,7 @@ class Reporter:
         if any(v.decision == "fail" for v in self.verdicts.values()) or (inconclusive and not run.allow_inconclusive):
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
-    def pytest_terminal_summary(self, terminalreporter) -> None:
+    def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         run = self.config.stash[options.RUN_KEY]
         verdicts = getattr(self, "verdicts", {})
         if run.model is not None and self.results:
@@ -174,7 +189,8 @@ class Reporter:
                                         f"nothing decided{where}", yellow=True)
 
 
-def summarize(terminalreporter, run, results: dict, verdicts: dict, partial: bool = False) -> None:
+def summarize(terminalreporter: TerminalReporter, run: options.RunConfig, results: dict[str, dict[str, Any]],
+              verdicts: dict[str, Verdict], partial: bool = False) -> None:
     tr = terminalreporter
     tr.section(f"quantvla: {run.model} ({run.size}) {run.bits}, quantizer {run.quantizer}, seed {run.seed}")
     for r in results.values():

@@ -11,8 +11,10 @@ import importlib
 from importlib.metadata import entry_points
 
 import pytest
+from torch import nn
 
-from quantvla import PRESETS, QuantizationReport, preset, quantize
+from quantvla import PRESETS, CalibrationBuffer, QuantConfig, QuantizationReport, preset, quantize
+from quantvla.errors import QuantVLAError
 from quantvla.quantizer import Quantizer
 
 GROUP = "pytest_quantvla.quantizers"
@@ -20,7 +22,8 @@ REFERENCE = "quantvla"
 
 
 def _reference(name: str | None) -> Quantizer:
-    def run(model, calibration, bits, report: QuantizationReport | None = None):
+    def run(model: nn.Module, calibration: CalibrationBuffer, bits: str,
+            report: QuantizationReport | None = None) -> nn.Module:
         return quantize(model, calibration, preset(name or f"quantvla-{bits}"), report)
 
     if name is not None:
@@ -40,7 +43,8 @@ def resolve(spec: str) -> Quantizer:
         return _reference(None if spec == REFERENCE else spec)
     registered = {ep.name: ep for ep in entry_points(group=GROUP)}
     if spec in registered:
-        return registered[spec].load()
+        loaded: Quantizer = registered[spec].load()
+        return loaded
     if ":" in spec:
         module, _, attr = spec.partition(":")
         try:
@@ -56,8 +60,16 @@ def resolve(spec: str) -> Quantizer:
     raise pytest.UsageError(f"--quantvla-quantizer={spec!r} is not valid; choose one of: {', '.join(choices)}")
 
 
-def preset_for(spec: str, bits: str):
+def preset_for(spec: str, bits: str) -> QuantConfig | None:
     """The QuantConfig behind a reference quantizer spec, or None for third-party quantizers."""
     if spec == REFERENCE:
         return preset(f"quantvla-{bits}")
     return PRESETS.get(spec)
+
+
+def reference_config(spec: str, bits: str) -> QuantConfig:
+    """preset_for(spec, bits) for the checks collected only for the reference quantizer."""
+    cfg = preset_for(spec, bits)
+    if cfg is None:
+        raise QuantVLAError(f"{spec!r} is not the reference quantizer or one of its presets; this check needs one")
+    return cfg

@@ -5,11 +5,16 @@ per-block attention statistics (the paper's Fig. 3) beside it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
+from pytest_quantvla.options import RunConfig
 from pytest_quantvla.results import CheckResult
 from quantvla.io import atomic_write, write_json_atomic
+
+if TYPE_CHECKING:
+    from quantvla.eval.gate import PairRecord
 
 # Result kinds: the classes live beside their checks (pytest_quantvla/checks/), imported when a
 # table is made (they pull in torch; an xdist controller never collects the checks itself).
@@ -20,7 +25,7 @@ def _register_kinds() -> None:
     import pytest_quantvla.checks  # noqa: F401 - defines every CheckResult kind
 
 
-def _row(nodeid: str, entry: dict) -> list:
+def _row(nodeid: str, entry: dict[str, Any]) -> list[Any]:
     """A check's row: its result renders it; a check that failed shows the last line of its message."""
     name, verdict = nodeid.split("/")[-1], entry["outcome"]
     _register_kinds()
@@ -31,7 +36,7 @@ def _row(nodeid: str, entry: dict) -> list:
     return [name, failure, "-", "-", verdict]
 
 
-def table(results: dict) -> str:
+def table(results: dict[str, Any]) -> str:
     """The summary: a row per check, the layers in one row (LayerResult.summary_row), LIBERO pairs
     left to the gate lines."""
     from pytest_quantvla.checks.layers import LayerResult
@@ -46,10 +51,10 @@ def table(results: dict) -> str:
         rows.append(LayerResult.summary_row(layers))
     if not rows:  # a run of LIBERO pairs only: the gate lines say it all
         return ""
-    return tabulate(rows, headers=["check", "measured", "reference", "source", "verdict"])
+    return str(tabulate(rows, headers=["check", "measured", "reference", "source", "verdict"]))
 
 
-def layer_table(results: dict) -> str:
+def layer_table(results: dict[str, Any]) -> str:
     """One row per quantized layer (shown with -v): the same table for the reference's QuantLinear
     and for any library's layers."""
     from pytest_quantvla.checks.layers import LayerResult
@@ -63,11 +68,11 @@ def layer_table(results: dict) -> str:
             rows.append([entry["layer"], "-", "-", "-", "-", "-", entry["outcome"]])
     if not rows:
         return ""
-    return tabulate(rows, headers=["layer", "rel. error", "SQNR dB", "worst adversarial", "limit", "budget",
-                                   "verdict"])
+    return str(tabulate(rows, headers=["layer", "rel. error", "SQNR dB", "worst adversarial", "limit", "budget",
+                                       "verdict"]))
 
 
-def pair_records(results: dict) -> list:
+def pair_records(results: dict[str, Any]) -> list[PairRecord]:
     """The LIBERO pairs of a run as the gate's records (quantvla.eval.gate.PairRecord), in a fixed
     order (xdist delivers them in any)."""
     from pytest_quantvla.checks.libero import pair_record
@@ -76,7 +81,8 @@ def pair_records(results: dict) -> list:
     return sorted(pairs, key=lambda p: (p.suite, p.task, p.init))
 
 
-def write_json(path: Path, run, results: dict, verdicts: dict, partial: bool = False) -> None:
+def write_json(path: Path, run: RunConfig, results: dict[str, Any], verdicts: dict[str, Any],
+               partial: bool = False) -> None:
     """`partial`: the run was interrupted, so the checks and gates cover only what finished."""
     from quantvla import __version__
 
@@ -87,7 +93,7 @@ def write_json(path: Path, run, results: dict, verdicts: dict, partial: bool = F
                              "gates": {s: v.to_dict() for s, v in verdicts.items()}})
 
 
-def write_plot(path: Path, results: dict) -> bool:
+def write_plot(path: Path, results: dict[str, Any]) -> bool:
     """PNG of per-block logit Std and output RMS: teacher, quantized, and before calibration."""
     blocks = next((r["per_block"] for r in results.values() if r.get("kind") == "golden_statistics"
                    and r.get("per_block")), None)

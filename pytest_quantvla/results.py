@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 _KINDS: dict[str, type[CheckResult]] = {}
 # keys the reporter adds to a check's entry: not measurements
@@ -45,7 +45,7 @@ class CheckResult:
         return {"kind": self.kind, **self.extra, **own}
 
     @classmethod
-    def from_values(cls, values: dict[str, Any]) -> Any:
+    def from_values(cls, values: dict[str, Any]) -> Self:
         """This result from a flat dict of measurements: its fields, the rest as `extra`."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         return cls(**{k: values[k] for k in names}, extra={k: v for k, v in values.items() if k not in names})
@@ -56,4 +56,5 @@ class CheckResult:
         cls = _KINDS.get(entry.get("kind", ""))
         if cls is None or not {f.name for f in dataclasses.fields(cls)} - {"extra"} <= entry.keys():
             return None
-        return cls.from_values({k: v for k, v in entry.items() if k not in _ENTRY_KEYS})
+        result: CheckResult = cls.from_values({k: v for k, v in entry.items() if k not in _ENTRY_KEYS})
+        return result

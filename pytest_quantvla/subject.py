@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,7 @@ class Subject:
 
 def policy_path(run: RunConfig) -> Path:
     """The trained policy of a run: --quantvla-checkpoint, else the one shipped for the model."""
-    return run.checkpoint if run.checkpoint is not None else shipped_policy(run.model)
+    return run.checkpoint if run.checkpoint is not None else shipped_policy(run.family)
 
 
 # Where progress lines go: the plugin points it at the terminal in a serial run (an xdist worker's
@@ -59,7 +59,7 @@ progress: Callable[[str], None] = lambda line: None  # noqa: E731
 
 
 @contextlib.contextmanager
-def _phase(what: str):
+def _phase(what: str) -> Iterator[None]:
     started = time.perf_counter()
     progress(f"quantvla: {what} ...")
     yield
@@ -76,9 +76,9 @@ def subject(run: RunConfig) -> Subject:
     return Subject(run, fp, calibration, held_out, quantized, report, bundle)
 
 
-def _build(run: RunConfig):
+def _build(run: RunConfig) -> tuple[nn.Module, CalibrationBuffer, CalibrationBuffer, Bundle | None]:
     checkpoint = policy_path(run) if run.size == "trained" else run.checkpoint
-    loaded = families.load_fp(run.model, run.size, checkpoint, entries=CALIBRATION_ENTRIES, seed=run.seed)
+    loaded = families.load_fp(run.family, run.size, checkpoint, entries=CALIBRATION_ENTRIES, seed=run.seed)
     fp = loaded.model.to(run.device).eval()
     if loaded.bundle is not None:  # alternate recorded entries (spread over tasks and phases): calibrate / hold out
         recorded = loaded.calibration
@@ -90,12 +90,13 @@ def _build(run: RunConfig):
     return fp, calibration, held_out, loaded.bundle
 
 
-def _quantize(run: RunConfig, fp: nn.Module, calibration: CalibrationBuffer):
+def _quantize(run: RunConfig, fp: nn.Module, calibration: CalibrationBuffer) \
+        -> tuple[nn.Module, QuantizationReport | None]:
     quantize = quantizers.resolve(run.quantizer)
     report = None
     if accepts_report(quantize):  # the reference does: keep its calibration report
         report = QuantizationReport(run.quantizer)
-        quantized = quantize(fp, calibration, run.bits, report=report)
+        quantized = quantize(fp, calibration, run.bits, report=report)  # type: ignore[call-arg]
     else:
         quantized = quantize(fp, calibration, run.bits)
     if not isinstance(quantized, nn.Module):
@@ -109,6 +110,6 @@ def _quantize(run: RunConfig, fp: nn.Module, calibration: CalibrationBuffer):
 def uncalibrated(run: RunConfig) -> nn.Module:
     """The reference run's quantized model without ATM and OHB (same linears, every scale 1)."""
     s = subject(run)
-    cfg = quantizers.preset_for(run.quantizer, run.bits)
+    cfg = quantizers.reference_config(run.quantizer, run.bits)
     with _phase(f"quantize with {run.quantizer} at {run.bits} without ATM/OHB (the drift they correct)"):
         return quantize_model(s.fp, s.calibration, dataclasses.replace(cfg, atm=False, ohb=False)).eval()

@@ -24,17 +24,20 @@ import copy
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from pytest_quantvla.checks.drift import worst_drift
 from pytest_quantvla.collect import Check, CheckFailed
-from pytest_quantvla.quantizers import preset_for
+from pytest_quantvla.options import RunConfig
+from pytest_quantvla.quantizers import preset_for, reference_config
 from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject, uncalibrated
-from quantvla import CalibrationBuffer, calibrate
-from quantvla.calibration.scales import observing
+from quantvla import CalibrationBuffer, QuantConfig, calibrate
+from quantvla.calibration.scales import SiteStats, observing
 from quantvla.drift import paired_statistics
 
 # log of the planted factors, cycled over every head (temperature) and every site (energy)
@@ -46,7 +49,7 @@ ORACLE_TOL = 1e-4  # |log| between the library's first-site scales and the recom
 MIN_REDUCTION = 2.0
 
 
-def _plant(student) -> tuple[list[list[float]], list[float]]:
+def _plant(student: Any) -> tuple[list[list[float]], list[float]]:
     """Scale head rows of W_q and each W_o by the planted factors; return their logs."""
     temps, energies, k = [], [], 0
     with torch.no_grad():
@@ -69,7 +72,7 @@ def _expected_scale(teacher: float, student: float, clip_log: float, neutral_log
 
 
 def _fit_problems(where: str, planted: str, scale: str, stat: str, planted_log: float, log_scale: float,
-                  drift: float, cfg) -> list[str]:
+                  drift: float, cfg: QuantConfig) -> list[str]:
     """Clipped exactly where planted beyond the clip; otherwise the fitted drift inside the band."""
     clipped = -math.copysign(cfg.clip_log, planted_log)
     if abs(planted_log) > cfg.clip_log:
@@ -81,14 +84,14 @@ def _fit_problems(where: str, planted: str, scale: str, stat: str, planted_log: 
         f"log({stat} quantized / {stat} FP) = {drift:+.4f}, outside the band +-{cfg.neutral_log}"]
 
 
-def _measure(model, buffer, entries: range, steps):
+def _measure(model: Any, buffer: CalibrationBuffer, entries: range, steps: int | None) -> list[SiteStats]:
     with observing(model.attention_sites()) as stats:
         for i in entries:
             model.sample_actions(buffer.inputs[i], buffer.noise[i], num_steps=steps)
     return stats
 
 
-def _fig3(stats: dict) -> list[dict]:
+def _fig3(stats: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": s["name"], "std_drift": max(abs(math.log(a / b)) for a, b in zip(s["student_std"],
                                                                                     s["teacher_std"], strict=True)),
              "rms_drift": abs(math.log(s["student_rms"] / s["teacher_rms"]))} for s in stats["sites"]]
@@ -110,14 +113,16 @@ class RecoveryResult(CheckResult):
         return ">= 2x each; alpha per head, clip, band"
 
 
-def calibration_recovery(run) -> RecoveryResult:
+def calibration_recovery(run: RunConfig) -> RecoveryResult:
     s = subject(run)
     # a few entries keep this check to seconds; the paper's 128 denoising calls are the preset's default
-    steps_per_entry = preset_for(run.quantizer, run.bits).denoising_steps or s.fp.config.num_steps
-    cfg = dataclasses.replace(preset_for(run.quantizer, run.bits), fit_steps=FIT_ENTRIES * steps_per_entry)
-    planted = copy.deepcopy(uncalibrated(run))
+    fp: Any = s.fp  # a family's model: its config, attention_sites(), sample_actions()
+    reference = reference_config(run.quantizer, run.bits)
+    steps_per_entry = reference.denoising_steps or fp.config.num_steps
+    cfg = dataclasses.replace(reference, fit_steps=FIT_ENTRIES * steps_per_entry)
+    planted: Any = copy.deepcopy(uncalibrated(run))
     temps, energies = _plant(planted)
-    student = calibrate(s.fp, copy.deepcopy(planted), s.calibration, cfg)
+    student: Any = calibrate(s.fp, copy.deepcopy(planted), s.calibration, cfg)
     alphas, betas = student.quantvla_scales["alpha"], student.quantvla_scales["beta"]
     after_atm = copy.deepcopy(planted)  # ATM alone: the library's alphas folded, no beta
     for site in after_atm.attention_sites():
@@ -189,7 +194,7 @@ def calibration_recovery(run) -> RecoveryResult:
         "action_mse_calibrated": mse["both"], "per_block": blocks})
 
 
-def checks(run):
+def checks(run: RunConfig) -> Iterator[Check]:
     cfg = preset_for(run.quantizer, run.bits)
     if cfg is not None and cfg.linear is not None and cfg.atm and cfg.ohb:
         yield Check(f"{run.prefix}/calibration_recovery", functools.partial(calibration_recovery, run),

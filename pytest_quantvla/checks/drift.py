@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pytest_quantvla import golden
 from pytest_quantvla.checks.golden import measure
 from pytest_quantvla.collect import Check, CheckFailed
+from pytest_quantvla.options import RunConfig
 from pytest_quantvla.results import CheckResult
 
 DRIFT_FACTOR = 1.5
@@ -37,7 +40,7 @@ class DriftResult(CheckResult):
         return f"reference std {self.reference_logit_std_drift:.4f}, rms {self.reference_output_rms_drift:.4f}"
 
 
-def worst_drift(stats: dict) -> dict:
+def worst_drift(stats: dict[str, Any]) -> dict[str, Any]:
     """Largest |log(student/teacher)| of logit Std (over heads) and output RMS (over layers), with where."""
     std = max(((abs(math.log(s / t)), f"{site['name']} head {h}")
                for site in stats["sites"] for h, (s, t) in enumerate(zip(site["student_std"], site["teacher_std"],
@@ -48,7 +51,7 @@ def worst_drift(stats: dict) -> dict:
     return {"logit_std": std, "output_rms": rms}
 
 
-def attention_drift(run) -> DriftResult:
+def attention_drift(run: RunConfig) -> DriftResult:
     ref_run = dataclasses.replace(run, quantizer="quantvla", bits=run.reference_bits)
     path = golden.folder(ref_run) / golden.golden_name(ref_run)
     reference = golden.load(path)
@@ -72,5 +75,5 @@ def attention_drift(run) -> DriftResult:
                        reference_output_rms_drift=round(ref["output_rms"][0], 6))
 
 
-def checks(run):
+def checks(run: RunConfig) -> Iterator[Check]:
     yield Check(f"{run.prefix}/attention_drift", functools.partial(attention_drift, run), kind=DriftResult.kind)

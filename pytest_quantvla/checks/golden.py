@@ -5,13 +5,16 @@ golden/<model>-<config>-<quantizer>.json."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pytest_quantvla import golden
 from pytest_quantvla import subject as subject_module
 from pytest_quantvla.checks import layers
 from pytest_quantvla.collect import Check, CheckFailed
+from pytest_quantvla.options import RunConfig
 from pytest_quantvla.quantizers import is_reference, preset_for
 from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject
@@ -37,14 +40,14 @@ class GoldenResult(CheckResult):
         return [name, self.measured(), self.reference(), f"{Path(self.golden).parent.name}/", verdict]
 
 
-def measure(run) -> dict:
+def measure(run: RunConfig) -> dict[str, Any]:
     s = subject(run)
     stats = paired_statistics(s.fp, s.quantized, s.held_out)
     return {"model": run.model, "config": run.size, "quantizer": run.quantizer, "bits": run.bits,
             "seed": run.seed, "quantized_layers": len(s.quantized_layers()), **stats}
 
 
-def per_block(run, stats: dict) -> list[dict]:
+def per_block(run: RunConfig, stats: dict[str, Any]) -> list[dict[str, Any]]:
     """Per DiT attention block: mean logit Std over heads and output RMS, teacher and quantized,
     and for the reference quantizer also the same layers without ATM/OHB, all on the held-out
     buffer: the data of the paper's Fig. 3."""
@@ -67,7 +70,7 @@ def per_block(run, stats: dict) -> list[dict]:
     return rows
 
 
-def golden_statistics(run) -> GoldenResult:
+def golden_statistics(run: RunConfig) -> GoldenResult:
     folder = golden.folder(run)
     path = folder / golden.golden_name(run)
     got = {**measure(run), "layer_relative_error": layers.layer_errors(run)}
@@ -99,7 +102,7 @@ def golden_statistics(run) -> GoldenResult:
     return summary
 
 
-def _write(path, got: dict) -> None:
+def _write(path: Path, got: dict[str, Any]) -> None:
     try:
         golden.write(path, got)
     except OSError as err:
@@ -107,7 +110,7 @@ def _write(path, got: dict) -> None:
                           "--quantvla-golden-dir=<a writable folder>") from None
 
 
-def _changes(path, got: dict) -> list[str]:
+def _changes(path: Path, got: dict[str, Any]) -> list[str]:
     """What an update changes; an unreadable or foreign old golden is simply replaced (update mode
     is the advised way out of it)."""
     try:
@@ -117,5 +120,5 @@ def _changes(path, got: dict) -> list[str]:
         return [f"replaced an unreadable golden ({err})".replace("; regenerate it with --quantvla-update-golden", "")]
 
 
-def checks(run):
+def checks(run: RunConfig) -> Iterator[Check]:
     yield Check(f"{run.prefix}/golden_statistics", functools.partial(golden_statistics, run), kind=GoldenResult.kind)

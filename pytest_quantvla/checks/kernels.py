@@ -4,18 +4,21 @@ beyond fp32's 2^24)."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from pytest_quantvla.collect import Check, CheckFailed
+from pytest_quantvla.options import RunConfig
 from pytest_quantvla.results import CheckResult
 from quantvla.quant import kernels
 from quantvla.quant.packing import pack_int4
 
 
-def _probe_operands(seed: int, wbits: int):
+def _probe_operands(seed: int, wbits: int) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
     gen = torch.Generator().manual_seed(seed)
     lo, hi = -(1 << (wbits - 1)), (1 << (wbits - 1)) - 1
     shapes = [(1, 1, 5), (3, 7, 2), (17, 129, 33), (64, 2048, 96), (5, 16384, 8)]
@@ -61,14 +64,14 @@ def _exact(backend: str, wbits: int, seed: int, device: str) -> KernelResult:
     return KernelResult(probes=checked, gemm=kernels.cpu_gemm() if backend == "cpu" else None)
 
 
-def checks(run):
+def checks(run: RunConfig) -> Iterator[Check]:
     backend = "cuda" if run.device.startswith("cuda") else "cpu"
     device = run.device
     wbits = int(run.bits[1])
     prefix = f"quantvla/{run.model}/{run.bits}"
     for bits in sorted({wbits, 8}):
         yield Check(f"{prefix}/kernel_exact[{backend}-w{bits}]",
-                    lambda bits=bits: _exact(backend, bits, run.seed, device), kind=KernelResult.kind)
+                    functools.partial(_exact, backend, bits, run.seed, device), kind=KernelResult.kind)
     if backend == "cpu":  # the prepacked W8 path: 64x2048x96 runs oneDNN, all-min and odd-large its int32 redo
         yield Check(f"{prefix}/kernel_exact[onednn-w8]", lambda: _exact("onednn", 8, run.seed, device),
                     kind=KernelResult.kind)

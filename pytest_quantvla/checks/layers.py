@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 
 from pytest_quantvla import golden
 from pytest_quantvla.collect import Check, CheckFailed
+from pytest_quantvla.options import RunConfig
 from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject
 from quantvla import preset
@@ -57,13 +60,13 @@ class LayerResult(CheckResult):
     budget: float | None
     budget_source: str
 
-    def layer_row(self, layer: str, verdict: str) -> list:
+    def layer_row(self, layer: str, verdict: str) -> list[Any]:
         """The per-layer table's row (shown with -v)."""
         return [layer, self.relative_error, "-" if self.sqnr_db is None else self.sqnr_db,
                 self.worst_adversarial_relative_error, self.limit or "analytic", self.budget or "-", verdict]
 
     @staticmethod
-    def summary_row(entries: list[dict]) -> list[str]:
+    def summary_row(entries: list[dict[str, Any]]) -> list[str]:
         """All layers in one row of the summary table: the median and worst error, the lowest SQNR,
         what they are held to and how many failed."""
         results = [r for r in (CheckResult.from_dict(e) for e in entries) if isinstance(r, LayerResult)]
@@ -82,13 +85,13 @@ class LayerResult(CheckResult):
 
 
 @functools.lru_cache(maxsize=2)
-def _activations(run) -> dict[str, torch.Tensor]:
+def _activations(run: RunConfig) -> dict[str, torch.Tensor]:
     s = subject(run)
     return record_activations(s.fp, s.quantized_layers(), s.calibration, preset("quantvla-w4a8", max_rows=256))
 
 
 @functools.lru_cache(maxsize=2)
-def layer_errors(run) -> dict[str, float]:
+def layer_errors(run: RunConfig) -> dict[str, float]:
     """Relative output error of every replaced layer on its calibration activations, against the FP
     layer in float64: what the golden records as each layer's budget."""
     s = subject(run)
@@ -96,14 +99,20 @@ def layer_errors(run) -> dict[str, float]:
     out = {}
     with torch.no_grad():
         for name in s.quantized_layers():
-            lin, x = s.fp.get_submodule(name), acts[name]
+            lin, x = _linear(s.fp, name), acts[name]
             ref = torch.nn.functional.linear(x.to(torch.float64), lin.weight.to(torch.float64),
                                              None if lin.bias is None else lin.bias.to(torch.float64))
             out[name] = round(relative_error(s.quantized.get_submodule(name)(x), ref), 6)
     return out
 
 
-def _budget(run, name: str) -> tuple[float | None, str]:
+def _linear(model: torch.nn.Module, name: str) -> torch.nn.Linear:
+    lin = model.get_submodule(name)
+    assert isinstance(lin, torch.nn.Linear), f"{name} is a {type(lin).__name__} in the FP model"
+    return lin
+
+
+def _budget(run: RunConfig, name: str) -> tuple[float | None, str]:
     """(recorded relative error of this layer, where it was read), or None when nothing is recorded."""
     path = golden.folder(run) / golden.golden_name(run)
     if run.update_golden:
@@ -121,11 +130,11 @@ def _allowed_relative_error(bits: str) -> float:
     limits = json.loads(path.read_text())["max_relative_error"]
     if bits not in limits:
         raise CheckFailed(f"{path} gives no layer error limit for {bits} (it has {', '.join(limits)})")
-    return limits[bits]
+    return float(limits[bits])
 
 
 @torch.no_grad()
-def _check(layer, lin, x: torch.Tensor, what: str, name: str, bits: str) -> float:
+def _check(layer: torch.nn.Module, lin: torch.nn.Linear, x: torch.Tensor, what: str, name: str, bits: str) -> float:
     out = layer(x).to(torch.float64)
     if isinstance(layer, QuantLinear):
         ref, bound = output_error_bound(layer, lin.weight, x, lin.bias)
@@ -146,9 +155,9 @@ def _check(layer, lin, x: torch.Tensor, what: str, name: str, bits: str) -> floa
     return rel
 
 
-def layer_bounds(run, name: str) -> LayerResult:
+def layer_bounds(run: RunConfig, name: str) -> LayerResult:
     s = subject(run)
-    lin, layer = s.fp.get_submodule(name), s.quantized.get_submodule(name)
+    lin, layer = _linear(s.fp, name), s.quantized.get_submodule(name)
     x = _activations(run)[name]
     rel = _check(layer, lin, x, "calibration activations", name, run.bits)
     budget, source = _budget(run, name)
@@ -163,7 +172,7 @@ def layer_bounds(run, name: str) -> LayerResult:
     @given(rows=st.lists(st.integers(0, x.shape[0] - 1), min_size=1, max_size=16),
            channel=st.integers(0, x.shape[1] - 1), boost=st.sampled_from([1.0, 30.0, 1e3]),
            scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e2, 1e6]), zero_row=st.booleans())
-    def adversarial(rows, channel, boost, scale, zero_row):
+    def adversarial(rows: list[int], channel: int, boost: float, scale: float, zero_row: bool) -> None:
         xa = x[rows].clone() * scale
         xa[:, channel] *= boost
         if zero_row:
@@ -181,7 +190,7 @@ def layer_bounds(run, name: str) -> LayerResult:
                        budget=None if budget is None else round(BUDGET_FACTOR * budget, 6), budget_source=source)
 
 
-def checks(run):
+def checks(run: RunConfig) -> Iterator[Check]:
     for name in subject(run).quantized_layers():
         yield Check(f"{run.prefix}/layer_bounds[{name}]", functools.partial(layer_bounds, run, name),
                     kind=LayerResult.kind, identity={"layer": name})

@@ -7,21 +7,27 @@ the paper's quantized-minus-FP delta minus --quantvla-margin."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_quantvla.collect import Check
+from pytest_quantvla.options import RunConfig
 from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject
 from quantvla.eval.gate import PairRecord
-from quantvla.eval.protocols import protocol_for
+from quantvla.eval.protocols import Protocol, protocol_for
+
+if TYPE_CHECKING:
+    from quantvla.eval.libero import TaskEnv
 
 TASKS_PER_SUITE = 10
-_envs: dict = {}
+_envs: dict[tuple[str, int], TaskEnv] = {}
 
 
-def _env(suite: str, task: int, protocol):
+def _env(suite: str, task: int, protocol: Protocol) -> TaskEnv:
     from quantvla.eval.libero import TaskEnv
     key = (suite, task)
     if key not in _envs:  # reused across this worker's episodes of the task
@@ -54,7 +60,7 @@ class PairResult(CheckResult):
                           self.q_policy_error)
 
 
-def pair_record(entry: dict) -> PairRecord:
+def pair_record(entry: dict[str, Any]) -> PairRecord:
     """A reported pair item as the gate's record: a pair whose item did not pass (a crashed worker,
     an exception outside the episodes) is unfinished, unknown on both sides."""
     result = CheckResult.from_dict(entry) if entry.get("outcome") == "passed" else None
@@ -63,13 +69,13 @@ def pair_record(entry: dict) -> PairRecord:
     return PairRecord.unfinished(entry["suite"], entry["task"], entry["init"])
 
 
-def pair(run, suite: str, task: int, init_index: int) -> PairResult:
+def pair(run: RunConfig, suite: str, task: int, init_index: int) -> PairResult:
     from quantvla.policy.model_policy import ModelPolicy
 
     s = subject(run)
     protocol = protocol_for(run.model)
     env = _env(suite, task, protocol)
-    out: dict = {}
+    out: dict[str, Any] = {}
     results = {}
     for label, model in (("fp", s.fp), ("q", s.quantized)):
         policy = ModelPolicy.for_task(model, env, seed=run.seed, bundle=s.bundle)
@@ -86,7 +92,7 @@ def pair(run, suite: str, task: int, init_index: int) -> PairResult:
                       fp_policy_error=record.fp_policy_error, q_policy_error=record.q_policy_error, extra=out)
 
 
-def check_suites(run) -> None:
+def check_suites(run: RunConfig) -> None:
     """A trained policy runs only its own suite: a usage error before anything is built (reads the
     policy's metadata only)."""
     import json
@@ -102,7 +108,7 @@ def check_suites(run) -> None:
                                 f"{','.join(run.suites)} with random weights")
 
 
-def suites_and_tasks(run) -> dict[str, list[int]]:
+def suites_and_tasks(run: RunConfig) -> dict[str, list[int]]:
     """Per suite, the tasks that episodes cycle through: a trained policy's own suite and tasks
     (asking for another suite is an error, check_suites), else all ten tasks of each asked-for suite."""
     check_suites(run)  # the controller checked already; a worker or a direct call checks here too
@@ -112,7 +118,7 @@ def suites_and_tasks(run) -> dict[str, list[int]]:
     return {bundle.meta["suite"]: list(bundle.meta["tasks"])}
 
 
-def checks(run):
+def checks(run: RunConfig) -> Iterator[Check]:
     for suite, tasks in suites_and_tasks(run).items():
         for k in range(run.episodes):
             task, init_index = tasks[k % len(tasks)], k // len(tasks)

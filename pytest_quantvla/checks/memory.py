@@ -6,12 +6,16 @@ against the paper (reference/paper.json): pi0.5 4.27 -> 1.28 GB (70.0% saved), G
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from pytest_quantvla.collect import Check, CheckFailed
-from pytest_quantvla.quantizers import preset_for
+from pytest_quantvla.options import RunConfig
+from pytest_quantvla.quantizers import preset_for, reference_config
 from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject
 from quantvla import families
@@ -59,13 +63,14 @@ class FullSizeMemoryResult(CheckResult):
         return f"<= {self.paper_quantized} GB, >= {self.paper_saving:.1%} saved"
 
 
-def budget(fp, quantized_names, wbits: int) -> int:
+def budget(fp: nn.Module, quantized_names: Collection[str], wbits: int) -> int:
     """What the components may store: kept linears in FP16, quantized ones at wbits per weight plus
     the per-channel allowance. A fake-quantized layer (float weights, replaced or changed in place)
     or W4 values kept in int8 containers (torchao's unpacked intx int4) exceed it."""
     mods = dict(fp.named_modules())
+    roles: dict[str, str] = fp.linear_roles()  # type: ignore[operator]  # every family's model has them
     total = 0
-    for n, r in fp.linear_roles().items():
+    for n, r in roles.items():
         if r not in COMPONENT_ROLES:
             continue
         lin = mods[n]
@@ -76,7 +81,7 @@ def budget(fp, quantized_names, wbits: int) -> int:
     return total
 
 
-def measured(run) -> MemoryResult:
+def measured(run: RunConfig) -> MemoryResult:
     s = subject(run)
     rep = component_memory(s.fp, s.quantized)
     if rep.quantized == 0:
@@ -94,10 +99,10 @@ def measured(run) -> MemoryResult:
     return MemoryResult.from_values({**rep.to_dict(), "budget_bytes": limit})
 
 
-def full_size(run, ref: dict, preset_name: str) -> FullSizeMemoryResult:
+def full_size(run: RunConfig, ref: dict[str, Any], preset_name: str) -> FullSizeMemoryResult:
     with torch.device("meta"):
-        model = families.build(run.model, "full")
-    rep = projected_memory(model, preset_for(run.quantizer, run.bits))
+        model = families.build(run.family, "full")
+    rep = projected_memory(model, reference_config(run.quantizer, run.bits))
     want_q, want_saving = ref[preset_name], ref[f"{preset_name}_saving"]
     got_q = rep.storage_bytes / GIB
     if got_q > want_q or rep.saving < want_saving:
@@ -107,7 +112,7 @@ def full_size(run, ref: dict, preset_name: str) -> FullSizeMemoryResult:
                                              "paper_saving": want_saving})
 
 
-def checks(run):
+def checks(run: RunConfig) -> Iterator[Check]:
     yield Check(f"{run.prefix}/memory[{run.size}]", functools.partial(measured, run), kind=MemoryResult.kind)
     cfg = preset_for(run.quantizer, run.bits)
     ref = paper()["memory_gb"].get(run.model, {})

@@ -23,16 +23,20 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from pytest_quantvla.collect import Check, CheckFailed
-from pytest_quantvla.quantizers import preset_for
+from pytest_quantvla.options import RunConfig
+from pytest_quantvla.quantizers import preset_for, reference_config
 from pytest_quantvla.results import CheckResult
 from quantvla.quant.bounds import relative_error
-from quantvla.quant.duquant import BlockRotation
+from quantvla.quant.config import DuQuantConfig, LinearQuantConfig
+from quantvla.quant.duquant import BlockRotation, DuQuantTransform
 from quantvla.quant.linear import QuantLinear
 
 IN_FEATURES, OUT_FEATURES, TOKENS = 256, 96, 384
@@ -89,8 +93,10 @@ def rotation_matrix(rot: BlockRotation) -> torch.Tensor:
     return r
 
 
-def transform_matrix(t) -> torch.Tensor:
-    k = (t.rot2 or t.rot1).layout.k
+def transform_matrix(t: DuQuantTransform) -> torch.Tensor:
+    rot = t.rot2 if t.rot2 is not None else t.rot1
+    assert rot is not None, "a DuQuant transform has at least one rotation"
+    k = rot.layout.k
     m = torch.eye(k, dtype=torch.float64)
     if t.smooth is not None:
         m = m / t.smooth.to(torch.float64)[None, :]
@@ -101,16 +107,17 @@ def transform_matrix(t) -> torch.Tensor:
     return m @ rotation_matrix(t.rot2)
 
 
-def _fake_quant_oracle(x_t: torch.Tensor, w_t: torch.Tensor, cfg) -> torch.Tensor:
+def _fake_quant_oracle(x_t: torch.Tensor, w_t: torch.Tensor, cfg: LinearQuantConfig) -> torch.Tensor:
     """x_t W_t^T on the config's grids without GPTQ: symmetric per output channel weights (of the
     clip ratios, the one with the least squared error), per token activations over the token's range
     (symmetric, or asymmetric with 0 on the grid)."""
     return _fake_quant_activations(x_t, cfg) @ _fake_quant_weight(w_t, cfg).t()
 
 
-def _fake_quant_weight(w_t: torch.Tensor, cfg) -> torch.Tensor:
+def _fake_quant_weight(w_t: torch.Tensor, cfg: LinearQuantConfig) -> torch.Tensor:
     wq = (1 << (cfg.weight.bits - 1)) - 1
-    best, best_err = None, None
+    best: torch.Tensor | None = None
+    best_err = torch.empty(0)
     for ratio in sorted(cfg.weight.clip_ratios, reverse=True):
         ws = (w_t.abs().amax(dim=1, keepdim=True) * ratio / wq).clamp_min(1e-30)
         w_hat = (w_t / ws).round().clamp(-wq - 1, wq) * ws
@@ -120,10 +127,11 @@ def _fake_quant_weight(w_t: torch.Tensor, cfg) -> torch.Tensor:
         else:
             better = err < best_err
             best, best_err = torch.where(better, w_hat, best), torch.where(better, err, best_err)
+    assert best is not None  # clip_ratios is never empty (QuantConfig validates it)
     return best
 
 
-def _fake_quant_activations(x_t: torch.Tensor, cfg) -> torch.Tensor:
+def _fake_quant_activations(x_t: torch.Tensor, cfg: LinearQuantConfig) -> torch.Tensor:
     ab = cfg.act.bits
     if cfg.act.symmetric:
         xs = (x_t.abs().amax(dim=1, keepdim=True) / ((1 << (ab - 1)) - 1)).clamp_min(1e-30)
@@ -133,7 +141,8 @@ def _fake_quant_activations(x_t: torch.Tensor, cfg) -> torch.Tensor:
         xs = ((hi - lo) / ((1 << ab) - 1)).clamp_min(1e-30)
         zero = (-lo / xs).round()
         x_hat = ((x_t / xs).round() + zero).clamp(0, (1 << ab) - 1).sub(zero) * xs
-    return x_hat
+    result: torch.Tensor = x_hat
+    return result
 
 
 def _peak_to_rms(x: torch.Tensor) -> float:
@@ -141,19 +150,19 @@ def _peak_to_rms(x: torch.Tensor) -> float:
     return float((x.abs().amax(dim=1) / x.pow(2).mean(dim=1).sqrt()).mean())
 
 
-def _exercised(t, cfg) -> list[str]:
+def _exercised(t: DuQuantTransform, cfg: DuQuantConfig) -> list[str]:
     missing = []
     if t.smooth is not None and bool((t.smooth == 1).all()):
         missing.append("every smoothing factor is 1")
     if t.perm is not None and bool((t.perm == torch.arange(t.perm.numel(), dtype=t.perm.dtype)).all()):
         missing.append("the permutation is the identity")
     if cfg.rotation == "greedy" and cfg.rotation_steps >= 1:
-        if not any(bool((r.index >= 0).any()) for r in (t.rot1, t.rot2)):
+        if not any(bool((r.index >= 0).any()) for r in (t.rot1, t.rot2) if r is not None):
             missing.append("no block has a reflection")
     return missing
 
 
-def _with_probe_rotations(t, seed: int):
+def _with_probe_rotations(t: DuQuantTransform, seed: int) -> DuQuantTransform:
     """A copy of the transform whose Householder rotations take PROBE_STEPS seeded reflections per block."""
     probe = copy.deepcopy(t)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -167,7 +176,7 @@ def _with_probe_rotations(t, seed: int):
     return probe
 
 
-def _algebra(t, x64: torch.Tensor, w64: torch.Tensor, what: str) -> list[str]:
+def _algebra(t: DuQuantTransform, x64: torch.Tensor, w64: torch.Tensor, what: str) -> list[str]:
     problems = []
     online = t.apply_act(x64)
     off = relative_error(online, x64 @ transform_matrix(t))
@@ -198,17 +207,20 @@ class OutlierResult(CheckResult):
         return f"<= 1.1 x plain grids {self.oracle_relative_error:.4f}; transform exact"
 
 
-def outlier_layer(run) -> OutlierResult:
-    cfg = preset_for(run.quantizer, run.bits).linear
+def outlier_layer(run: RunConfig) -> OutlierResult:
+    cfg = reference_config(run.quantizer, run.bits).linear
+    if cfg is None:
+        raise CheckFailed(f"{run.quantizer} at {run.bits} quantizes no linears: nothing to check")
     block = cfg.transform.block_size if cfg.transform is not None else 64
     lin, x = synthetic_layer(run.seed, block)
     layer = QuantLinear.from_linear(lin, cfg, calib=x, name="synthetic outlier layer")
     w64, b64, x64 = lin.weight.detach().double(), lin.bias.detach().double(), x.double()
     fp = x64 @ w64.t() + b64
-    problems, result = [], {}
+    problems: list[str] = []
+    result: dict[str, Any] = {}
     t = layer.transform
     x_t, w_t = x64, w64
-    if t is not None:
+    if t is not None and cfg.transform is not None:
         problems += [f"the fitted transform is trivial: {m}" for m in _exercised(t, cfg.transform)]
         problems += _algebra(t, x64, w64, "fitted")
         problems += _algebra(_with_probe_rotations(t, run.seed), x64, w64, f"{PROBE_STEPS} reflections per block")
@@ -234,7 +246,7 @@ def outlier_layer(run) -> OutlierResult:
     return OutlierResult(**result)
 
 
-def checks(run):
+def checks(run: RunConfig) -> Iterator[Check]:
     cfg = preset_for(run.quantizer, run.bits)
     if cfg is not None and cfg.linear is not None:
         yield Check(f"{run.prefix}/outlier_layer", functools.partial(outlier_layer, run), kind=OutlierResult.kind)

@@ -10,6 +10,7 @@ direction every implementation uses; the paper's Eq. 12/17 print a division.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -66,7 +67,7 @@ class SiteStats:
 
 
 @contextmanager
-def observing(sites: list[AttentionSite]):
+def observing(sites: list[AttentionSite]) -> Iterator[list[SiteStats]]:
     """Attach fresh SiteStats to every site for the duration of the block."""
     stats = [SiteStats(s.num_heads) for s in sites]
     for s, st in zip(sites, stats, strict=True):
