@@ -6,7 +6,7 @@
   libero          paired FP / quantized LIBERO episodes, success table and gate verdict
   merge-reports   combine the JSON reports of sharded runs, decide the gates once
   expert          the scripted privileged-state expert's success on the official init states
-  demos           expert demonstrations from randomized resets (no rendering)
+  demos           expert demonstrations from randomized resets (optionally with camera frames)
   train-tiny      behaviour-clone a small state-based policy (flow matching) into a policy folder
   quantize        quantize a model (a trained policy, or a checkpoint) and write the artifact, with its memory
 """
@@ -202,9 +202,10 @@ def _demos(args) -> int:
     from quantvla.trained.demos import generate
 
     demos = generate(args.suite, _tasks(args.tasks), args.per_task, args.max_steps, args.workers,
-                     args.noisy_share, args.noise)
+                     args.noisy_share, args.noise, args.render, args.every)
     demos.save(args.out)
-    print(f"wrote {args.out}: {len(demos.tasks)} demos, {len(demos.actions)} steps")
+    frames = "" if demos.images is None else f", {len(demos.images)} camera frames of {args.render} px"
+    print(f"wrote {args.out}: {len(demos.tasks)} demos, {len(demos.actions)} steps{frames}")
     return 0
 
 
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--protocol", default="openpi")
     ex.add_argument("--json")
     ex.set_defaults(func=_expert)
-    de = sub.add_parser("demos", help="expert demos from randomized resets, without rendering")
+    de = sub.add_parser("demos", help="expert demos from randomized resets (--render: with camera frames)")
     de.add_argument("--suite", default="libero_object")
     de.add_argument("--tasks", default="0,1,2,3,4")
     de.add_argument("--per-task", type=int, default=50)
@@ -304,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("--workers", type=int, default=2)
     de.add_argument("--noisy-share", type=float, default=0.6, help="share of demos executed with action noise")
     de.add_argument("--noise", type=float, default=0.3, help="std of the executed arm-action noise")
+    de.add_argument("--render", type=int, default=0, help="render agentview + wrist at this many pixels (0: none)")
+    de.add_argument("--every", type=int, default=1, help="with --render: keep the frames of every N-th step")
     de.add_argument("--out", required=True)
     de.set_defaults(func=_demos)
     tt = sub.add_parser("train-tiny", help="behaviour-clone a small state-based policy")

@@ -178,3 +178,27 @@ def test_expert_demos_and_the_expert_on_an_official_init_state(tmp_path):
     finally:
         env.close()
     assert r.success and r.queries == r.steps  # closed loop: one action per query
+
+
+@pytest.mark.libero
+def test_rendered_demos_keep_every_nth_frame_and_the_physics(tmp_path):
+    """--render: both cameras at R px every `every`-th step, uint8 as rendered, the proprioception
+    at every step; rendering only those steps leaves the physics alone: the same seed gives the same
+    expert actions and object tokens as the camera-free demo."""
+    pytest.importorskip("libero.libero", reason="needs the libero extra")
+    from quantvla.trained.demos import generate
+
+    plain = generate("libero_object", [2], 1, workers=1, log=lambda *_: None)
+    seen = generate("libero_object", [2], 1, workers=1, render=32, every=5, log=lambda *_: None)
+    steps = len(seen.actions)
+    assert torch.equal(seen.actions, plain.actions) and torch.allclose(seen.objects, plain.objects, atol=1e-6)
+    assert seen.images.dtype == torch.uint8 and seen.images.shape == ((steps + 4) // 5, 2, 32, 32, 3)
+    assert torch.equal(seen.frame_step, torch.arange(0, steps, 5))
+    assert all(float(seen.images[i].float().std()) > 5 for i in range(len(seen.images)))  # rendered, not black
+    assert seen.state.shape == (steps, 8) and seen.meta["render"] == 32 and seen.meta["every"] == 5
+    seen.save(tmp_path / "d.safetensors")
+    back = Demos.load(tmp_path / "d.safetensors")
+    assert torch.equal(back.images, seen.images) and torch.equal(back.frame_step, seen.frame_step)
+    assert Demos.load(tmp_path / "d.safetensors").images is not None and plain.images is None
+    with pytest.raises(QuantVLAError, match="--render must be"):
+        generate("libero_object", [2], 1, render=8, log=lambda *_: None)

@@ -118,7 +118,8 @@ class TaskEnv:
                 self._stubs = getattr(self, "_stubs", {})
                 self._stubs[name] = stub
 
-    def _render_next_step(self, on: bool) -> None:
+    def render_next_step(self, on: bool) -> None:
+        """Whether the next env.step renders the cameras (its observation's images are black otherwise)."""
         if not self.render_on_query:
             return
         for name, real in self._real_sensors.items():
@@ -132,8 +133,18 @@ class TaskEnv:
         self.env.reset()
         if self.render_on_query:
             self._install_sensors()
-            self._render_next_step(False)
+            self.render_next_step(False)
         return self.env.set_init_state(self.init_states[init_index])
+
+    def reset_randomized(self, seed: int) -> dict:
+        """A reset to a pose LIBERO samples from `seed` (never an official init state): for demos."""
+        self.env.seed(seed)
+        np.random.seed(seed)
+        obs = self.env.reset()
+        if self.render_on_query:
+            self._install_sensors()
+            self.render_next_step(False)
+        return obs
 
     def run_episode(self, init_index: int, policy, seed: int, max_steps: int | None = None,
                     trace: list | None = None, frames: list | None = None) -> EpisodeResult:
@@ -150,7 +161,7 @@ class TaskEnv:
             obs = self.reset(init_index, seed)
             _ask(policy.reset)
             for i in range(p.wait_steps):  # let objects settle; the last one's images feed the first query
-                self._render_next_step(policy.needs_images and i == p.wait_steps - 1)
+                self.render_next_step(policy.needs_images and i == p.wait_steps - 1)
                 obs, _, _, _ = self.env.step(NOOP)
             queue: list[np.ndarray] = []
             while steps < limit:
@@ -163,7 +174,7 @@ class TaskEnv:
                     raise PolicyError(f"the policy returned a non-finite action at step {steps}: {action}")
                 if trace is not None:
                     trace.append((steps, np.array(action)))
-                self._render_next_step(frames is not None or (policy.needs_images and not queue))  # a query reads it
+                self.render_next_step(frames is not None or (policy.needs_images and not queue))  # a query reads it
                 obs, _, done, _ = self.env.step(action)
                 steps += 1
                 if frames is not None:
