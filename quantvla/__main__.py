@@ -214,16 +214,20 @@ def _train_tiny(args) -> int:
 
     from quantvla.policy.bundle import save_bundle
     from quantvla.trained.demos import Demos
-    from quantvla.trained.train import TrainConfig, train
+    from quantvla.trained.train import TrainConfig, train, train_vision
 
     if args.threads:
         torch.set_num_threads(args.threads)
     demos = Demos.load(args.demos)
     cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
-    model, adapter, calibration, record = train(args.model, demos, cfg)
-    meta = {"config_name": "tiny-state", "suite": demos.meta["suite"], "tasks": sorted(set(demos.tasks)),
-            "inputs": "object-state tokens (robot, goal object, container) and the instruction: a state-based "
-                      "stand-in for the camera; this policy never sees an image",
+    sees = demos.images is not None  # rendered demos train a policy that sees
+    model, adapter, calibration, record = (train_vision if sees else train)(args.model, demos, cfg)
+    inputs = ("agentview and wrist cameras (rendered at {} px), the instruction{}; no object state".format(
+        demos.meta["render"], " and the proprioceptive state" if getattr(model.config, "state_dim", 0) else "")
+        if sees else "object-state tokens (robot, goal object, container) and the instruction: a state-based "
+                     "stand-in for the camera; this policy never sees an image")
+    meta = {"config_name": "tiny-vision" if sees else "tiny-state", "suite": demos.meta["suite"],
+            "tasks": sorted(set(demos.tasks)), "inputs": inputs, "render": demos.meta.get("render") or None,
             "training": record, "demos": {k: v for k, v in demos.meta.items() if k != "per_task_summary"},
             "command": f"python -m quantvla train-tiny --model {args.model} --demos {args.demos} --out {args.out} "
                        f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --seed {args.seed}"}
@@ -309,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("--every", type=int, default=1, help="with --render: keep the frames of every N-th step")
     de.add_argument("--out", required=True)
     de.set_defaults(func=_demos)
-    tt = sub.add_parser("train-tiny", help="behaviour-clone a small state-based policy")
+    tt = sub.add_parser("train-tiny", help="behaviour-clone a small policy (one that sees, from rendered demos)")
     tt.add_argument("--model", required=True, type=_family, help=_FAMILY_HELP)
     tt.add_argument("--demos", required=True)
     tt.add_argument("--out", required=True)

@@ -134,7 +134,8 @@ def _builtin() -> None:
 
     register(Family(
         name="pi05", model=pi05.PI05,
-        configs={"tiny": pi05.TINY, "tiny-state": pi05.TINY_STATE, "full": pi05.FULL},
+        configs={"tiny": pi05.TINY, "tiny-state": pi05.TINY_STATE, "tiny-vision": pi05.TINY_VISION,
+                 "full": pi05.FULL},
         layouts=pi05.LAYOUTS, protocol="openpi", action_norm="quantile", gripper="signed", flow="noise_at_one",
         policy="pi05-tiny-state", description="pi0.5 (openpi / LeRobot): PaliGemma + Gemma-300M action expert"))
     register(Family(

@@ -16,7 +16,7 @@ from quantvla.models import gr00t_n15, pi05
 from quantvla.policy.bundle import config_from_dict, is_bundle, load_bundle, save_bundle
 from quantvla.policy.state import NUM_OBJECTS, OBJECT_DIM, object_tokens
 from quantvla.trained.demos import Demos
-from quantvla.trained.train import TrainConfig, chunk_index, split, train
+from quantvla.trained.train import TrainConfig, chunk_index, split, train, train_vision
 
 POLICIES = data_dir("golden") / "policies"
 FAMILIES = ["pi05", "gr00t-n15"]
@@ -101,6 +101,56 @@ def test_training_is_seeded_and_learns(family, tmp_path):
     noise = calibration.noise[0]
     assert torch.equal(a.sample_actions(x, noise), loaded.model.sample_actions(x, noise))
     assert len(loaded.calibration()) == len(calibration)
+
+
+def synthetic_rendered_demos(episodes=12, steps=12, size=32, seed=0) -> Demos:
+    """synthetic_demos plus camera frames: a bright square on the left (first action +1) or the
+    right (-1) of the agentview image; the action can only be read from the image."""
+    demos = synthetic_demos(episodes, steps, seed)
+    n = len(demos.actions)
+    side = (demos.episode.numpy() // 2) % 2  # one side per episode (whole chunks agree), both in every task
+    frames = np.full((n, 2, size, size, 3), 40, dtype=np.uint8)
+    for i, right in enumerate(side):
+        x = size // 2 + 2 if right else 2  # raw frames are upside down and mirrored: the adapter flips them
+        frames[i, 0, 8:20, x:x + 12] = 230
+    actions = demos.actions.clone()
+    actions[:, 0] = torch.from_numpy(np.where(side == 1, 1.0, -1.0)).float()
+    state = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
+    return dataclasses.replace(demos, actions=actions, state=state, images=torch.from_numpy(frames),
+                               frame_step=torch.arange(n),
+                               meta={**demos.meta, "render": size, "every": 1})
+
+
+def test_a_policy_that_sees_is_seeded_reads_the_image_and_round_trips(tmp_path):
+    from quantvla.policy.model_policy import ModelPolicy
+
+    demos = synthetic_rendered_demos()
+    with pytest.raises(QuantVLAError, match="no camera frames"):
+        train_vision("pi05", synthetic_demos(), TrainConfig(steps=1), log=lambda *_: None)
+    short = TrainConfig(steps=3, batch=8, warmup=1, seed=3)
+    a, *_ = train_vision("pi05", demos, short, log=lambda *_: None)
+    b, *_ = train_vision("pi05", demos, short, log=lambda *_: None)
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+    cfg = TrainConfig(steps=120, batch=16, warmup=5, lr=2e-3, seed=3)
+    a, adapter, calibration, rec = train_vision("pi05", demos, cfg, log=lambda *_: None)
+    assert a.config.num_images == 2 and a.config.num_objects == 0 and rec["final_loss"] < 0.8 * rec["initial_loss"]
+    save_bundle(tmp_path / "p", a, {"config_name": "tiny-vision", "suite": "libero_object", "tasks": [0, 1],
+                                    "render": 32}, adapter.tokenizer, adapter.stats, calibration)
+    bundle = load_bundle(tmp_path / "p")
+    assert bundle.sees and bundle.protocol().render == 32
+
+    class Task:  # what ModelPolicy.for_task reads of a LIBERO task env
+        instruction = demos.instructions[0]
+    policy = ModelPolicy.for_task(bundle.model, Task(), seed=0, bundle=bundle)
+    assert policy.needs_images
+    keys = ("agentview_image", "robot0_eye_in_hand_image")
+    first = {}
+    for right in (0, 1):  # the first action's sign follows the square's side
+        i = int(np.flatnonzero(demos.actions[:, 0].numpy() == (1.0 if right else -1.0))[0])
+        obs = dict(zip(keys, demos.images[i].numpy(), strict=True))
+        first[right] = float(policy.infer(obs, Task.instruction)[:, 0].mean())
+    assert first[1] > first[0] + 0.5, first
 
 
 def test_adapter_target_inverts_actions():

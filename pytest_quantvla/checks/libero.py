@@ -73,7 +73,7 @@ def pair(run: RunConfig, suite: str, task: int, init_index: int) -> PairResult:
     from quantvla.policy.model_policy import ModelPolicy
 
     s = subject(run)
-    protocol = protocol_for(run.model)
+    protocol = s.bundle.protocol() if s.bundle is not None else protocol_for(run.family)
     env = _env(suite, task, protocol)
     out: dict[str, Any] = {}
     results = {}

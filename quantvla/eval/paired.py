@@ -37,7 +37,7 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
     loaded = families.load_fp(model_name, size, checkpoint, entries=8, seed=seed)
     fp, calibration, bundle = loaded.model, loaded.calibration, loaded.bundle
     models = {"fp": fp} | {name: quantize(fp, calibration, preset(name)) for name in quantizers}
-    protocol = protocol_for(model_name)
+    protocol = bundle.protocol() if bundle is not None else protocol_for(model_name)
     report = {"model": model_name, "config": bundle.meta["config_name"] if bundle else size, "checkpoint": checkpoint,
               "quantizers": quantizers, "seed": seed, "protocol": protocol.name, "margin": margin,
               "partial": True, "episodes": [], "gates": {name: {} for name in quantizers}}

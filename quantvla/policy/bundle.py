@@ -23,9 +23,10 @@ from quantvla import families
 from quantvla.calibration.buffer import CalibrationBuffer
 from quantvla.data import data_dir
 from quantvla.errors import QuantVLAError
+from quantvla.eval.protocols import Protocol, protocol_for
 from quantvla.io import write_json_atomic
 from quantvla.models.checkpoint import load_checkpoint, save_checkpoint
-from quantvla.policy.adapters import NormStats, WordTokenizer, load_openpi_norm_stats
+from quantvla.policy.adapters import LiberoAdapter, NormStats, WordTokenizer, load_openpi_norm_stats
 from quantvla.policy.state import StateAdapter
 
 
@@ -56,8 +57,25 @@ class Bundle:
     def family(self) -> str:
         return self.meta["family"]
 
-    def adapter(self, goal: tuple[str, str] | None = None) -> StateAdapter:
-        return StateAdapter(self.family, self.model.config, self.tokenizer, self.stats, goal)
+    @property
+    def sees(self) -> bool:
+        """A policy that reads the cameras (config tiny-vision), not object-state tokens."""
+        return self.model.config.num_images > 0
+
+    def adapter(self, goal: tuple[str, str] | None = None) -> StateAdapter | LiberoAdapter:
+        """The observation adapter it was trained with: the cameras' (LiberoAdapter, the one every
+        model-zoo model uses) for a policy that sees; object tokens of the task's `goal` otherwise."""
+        c = self.model.config
+        if self.sees:
+            fam = families.get(self.family)
+            return LiberoAdapter(self.family, c.vision.image, c.max_token_len, self.tokenizer, self.stats,
+                                 action_norm=fam.action_norm, state_dim=getattr(c, "state_dim", 0))
+        return StateAdapter(self.family, c, self.tokenizer, self.stats, goal)
+
+    def protocol(self) -> Protocol:
+        """The family's LIBERO protocol, its cameras rendered at the resolution of the training frames."""
+        p = protocol_for(self.family)
+        return dataclasses.replace(p, render=self.meta["render"]) if self.meta.get("render") else p
 
     def calibration(self) -> CalibrationBuffer:
         return CalibrationBuffer.load(self.path / "calibration.safetensors")

@@ -38,9 +38,11 @@ class ModelPolicy:
     @classmethod
     def for_task(cls, model, task_env, seed: int = 0, bundle=None, num_steps: int | None = None) -> ModelPolicy:
         """The policy for one LIBERO task: a trained state-based bundle reads the task's goal
-        objects and needs no images; any other model sees the cameras."""
+        objects and needs no images; a bundle that sees and any other model read the cameras."""
         if bundle is None:
             return cls.for_model(model, [task_env.instruction], seed=seed, num_steps=num_steps)
+        if bundle.sees:
+            return cls(model, bundle.adapter(), seed, num_steps)
         from quantvla.policy.state import goal_objects
         _, obj, container = goal_objects(task_env.env)
         policy = cls(model, bundle.adapter((obj, container)), seed, num_steps)

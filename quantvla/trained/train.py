@@ -1,6 +1,10 @@
-"""Behaviour cloning of the small state-based policies with each family's flow-matching objective.
+"""Behaviour cloning of the small trained policies with each family's flow-matching objective.
 
     python -m quantvla train-tiny --model <family> --demos demos.safetensors --out <policy folder>
+
+Demos with camera frames (`demos --render`) train a policy that sees: the family's "tiny-vision"
+config, both cameras through its own vision tower (train_vision); camera-free demos train the
+state-based stand-in ("tiny-state", object-state tokens; train).
 
 (docs/policies.md has the commands that made the shipped policies.) The family's record says
 which convention its flow matching uses (quantvla.families.Family.flow):
@@ -26,7 +30,8 @@ from quantvla.calibration.buffer import CalibrationBuffer
 from quantvla.errors import QuantVLAError
 from quantvla.models import build
 from quantvla.models.observation import ModelInputs
-from quantvla.policy.adapters import NormStats, WordTokenizer
+from quantvla.models.siglip import SiglipVisionModel
+from quantvla.policy.adapters import LiberoAdapter, NormStats, WordTokenizer
 from quantvla.policy.state import ROBOT_DIM, StateAdapter, model_actions
 from quantvla.trained.demos import Demos
 
@@ -105,6 +110,10 @@ def _loss(model, inputs, chunk: torch.Tensor, gen: torch.Generator) -> torch.Ten
     return torch.nn.functional.mse_loss(v[:, :, :7], goal[:, :, :7])  # padded action dims carry nothing
 
 
+def _cosine_lr(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+
 def train(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), log=print):
     """-> (model, adapter, calibration buffer, training record)."""
     if len(demos.actions) == 0:
@@ -132,7 +141,7 @@ def train(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), log=print
     losses = []
     t0 = time.perf_counter()
     for step in range(cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        lr = _cosine_lr(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
         pick = torch.from_numpy(train_steps)[torch.randint(len(train_steps), (cfg.batch,), generator=gen)]
@@ -160,4 +169,123 @@ def train(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), log=print
               "initial_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-100:])),
               "wall_s": round(time.perf_counter() - t0, 1),
               "threads": torch.get_num_threads()}
+    return model, adapter, calibration, record
+
+
+# ----------------------------------------------------------------------------- policies that see
+SHIFT = 4  # random-shift augmentation of the model's images, in pixels (DrQ, Kostrikov et al. 2020)
+AUX_WEIGHT = 0.5  # weight of the training-only object-pose regression from the vision tower
+
+
+def vision_adapter(family: str, config, demos: Demos, steps: np.ndarray) -> LiberoAdapter:
+    """The evaluation adapter (LiberoAdapter: cameras, instruction, the family's state) with
+    statistics from the training steps; it turns the demos' raw frames into model images."""
+    actions = model_actions(family, demos.actions.numpy()[steps])
+    stats = {"actions": _stats(actions, STD_FLOOR), "state": _stats(demos.state.numpy()[steps], STD_FLOOR)}
+    fam = families.get(family)
+    return LiberoAdapter(family, config.vision.image, config.max_token_len, WordTokenizer.fit(demos.instructions),
+                         stats, action_norm=fam.action_norm, state_dim=getattr(config, "state_dim", 0))
+
+
+def model_images(adapter: LiberoAdapter, frames: torch.Tensor) -> torch.Tensor:
+    """[F, 2, R, R, 3] uint8 raw frames -> [F, 2, 3, S, S] through the adapter evaluation uses."""
+    keys = ("agentview_image", "robot0_eye_in_hand_image")
+    return torch.stack([adapter.images(dict(zip(keys, f.numpy(), strict=True))) for f in frames])
+
+
+def _shift(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image moved by up to SHIFT pixels (replicate padding, then a random crop)."""
+    b, n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images.flatten(0, 1), (SHIFT,) * 4, mode="replicate")
+    dx, dy = torch.randint(0, 2 * SHIFT + 1, (2, b * n), generator=gen)
+    out = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (x, y) in enumerate(zip(dx.tolist(), dy.tolist(),
+                                                                                      strict=True))])
+    return out.view(b, n, c, h, w)
+
+
+def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), log=print):
+    """A policy whose observation is the two cameras + instruction (+ the family's proprioceptive
+    state), no object tokens. Samples are the demos' frames (every `every`-th step); during training
+    only, a linear head on the vision tower's pooled features regresses the simulator's object
+    tokens (AUX_WEIGHT): it is not part of the model and never runs at evaluation.
+    -> (model, adapter, calibration buffer, training record)."""
+    if demos.images is None or demos.state is None:
+        raise QuantVLAError("these demos have no camera frames; make them with `python -m quantvla demos --render R`")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build(family, "tiny-vision").train()
+    c = model.config
+    train_eps, held_eps = split(demos)
+    episode = demos.episode.numpy()
+    frame_step = demos.frame_step.numpy()
+    frame_ep = episode[frame_step]
+    train_frames = np.flatnonzero(np.isin(frame_ep, train_eps))
+    adapter = vision_adapter(family, c, demos, np.flatnonzero(np.isin(episode, train_eps)))
+    t0 = time.perf_counter()
+    images = model_images(adapter, demos.images)
+    log(f"  {len(images)} frames -> model images {tuple(images.shape[1:])} in {time.perf_counter() - t0:.0f} s")
+    targets = torch.from_numpy(adapter.stats["actions"].normalize(model_actions(family, demos.actions.numpy()),
+                                                                  adapter.action_norm).astype(np.float32))
+    index = torch.from_numpy(chunk_index(episode, c.action_horizon))
+    ids_by_episode, mask_by_episode = (torch.stack(t) for t in zip(
+        *[adapter.tokenizer.encode(t, c.max_token_len) for t in demos.instructions], strict=True))
+    states = None
+    if adapter.state_dim:
+        s = adapter.stats["state"].normalize(demos.state.numpy().astype(np.float64), adapter.state_norm)
+        states = torch.zeros(len(s), adapter.state_dim)
+        states[:, :s.shape[1]] = torch.from_numpy(s.astype(np.float32))
+    obj_flat = demos.objects.flatten(1).double()
+    obj_mean, obj_std = obj_flat.mean(0), obj_flat.std(0).clamp_min(STD_FLOOR)
+    aux_target = ((obj_flat - obj_mean) / obj_std).float()
+
+    tower = next(m for m in model.modules() if isinstance(m, SiglipVisionModel))
+    features: list[torch.Tensor] = []
+    hook = tower.register_forward_hook(lambda _m, _i, out: features.append(out.mean(1)))
+    aux_head = torch.nn.Linear(c.vision.width * c.num_images, aux_target.shape[1])
+    params = list(model.parameters()) + list(aux_head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses, aux_losses = [], []
+    t0 = time.perf_counter()
+    try:
+        for step in range(cfg.steps):
+            lr = _cosine_lr(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            pick = torch.from_numpy(train_frames)[torch.randint(len(train_frames), (cfg.batch,), generator=gen)]
+            at = torch.from_numpy(frame_step)[pick]  # the step each frame was observed at
+            ep = torch.from_numpy(episode)[at]
+            inputs = ModelInputs(_shift(images[pick], gen), torch.ones(cfg.batch, c.num_images, dtype=torch.bool),
+                                 ids_by_episode[ep], mask_by_episode[ep], None if states is None else states[at])
+            features.clear()
+            loss = _loss(model, inputs, targets[index[at]], gen)
+            aux = torch.nn.functional.mse_loss(aux_head(torch.cat(features[:c.num_images], 1)), aux_target[at])
+            opt.zero_grad(set_to_none=True)
+            (loss + AUX_WEIGHT * aux).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            aux_losses.append(aux.item())
+            if step % 250 == 0 or step == cfg.steps - 1:
+                log(f"  step {step:5d}  loss {np.mean(losses[-100:]):.4f}  aux {np.mean(aux_losses[-100:]):.4f}  "
+                    f"lr {lr:.2e}  {time.perf_counter() - t0:.0f} s")
+    finally:
+        hook.remove()
+    model.eval()
+
+    held_frames = np.flatnonzero(np.isin(frame_ep, held_eps))
+    pick = held_frames[np.linspace(0, len(held_frames) - 1, CALIBRATION_ENTRIES).round().astype(int)]
+    entries = []
+    for i in pick:  # clones: each entry owns its tensors (a buffer is saved tensor by tensor)
+        at, ep = frame_step[i], episode[frame_step[i]]
+        entries.append(ModelInputs(images[i][None].clone(), torch.ones(1, c.num_images, dtype=torch.bool),
+                                   ids_by_episode[ep][None].clone(), mask_by_episode[ep][None].clone(),
+                                   None if states is None else states[at][None].clone()))
+    calibration = CalibrationBuffer.from_inputs(entries, c.action_horizon, c.action_dim, seed=cfg.seed)
+    record = {"steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+              "train_demos": len(train_eps), "held_out_demos": len(held_eps), "train_frames": len(train_frames),
+              "augmentation": f"random shift +-{SHIFT} px", "aux_loss": f"object tokens from the pooled vision "
+              f"tower, weight {AUX_WEIGHT}, training only", "initial_loss": float(np.mean(losses[:10])),
+              "final_loss": float(np.mean(losses[-100:])), "final_aux_loss": float(np.mean(aux_losses[-100:])),
+              "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
     return model, adapter, calibration, record
