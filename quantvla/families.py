@@ -140,7 +140,8 @@ def _builtin() -> None:
         policy="pi05-tiny-state", description="pi0.5 (openpi / LeRobot): PaliGemma + Gemma-300M action expert"))
     register(Family(
         name="gr00t-n15", model=gr00t_n15.GR00TN15,
-        configs={"tiny": gr00t_n15.TINY, "tiny-state": gr00t_n15.TINY_STATE, "full": gr00t_n15.FULL},
+        configs={"tiny": gr00t_n15.TINY, "tiny-state": gr00t_n15.TINY_STATE,
+                 "tiny-vision": gr00t_n15.TINY_VISION, "full": gr00t_n15.FULL},
         layouts=gr00t_n15.LAYOUTS, protocol="gr00t", action_norm="min_max", gripper="unit", flow="data_at_one",
         image_crop=0.95, policy="gr00t-n15-tiny-state",
         description="GR00T N1.5 (Isaac-GR00T / LeRobot): Eagle 2.5 + flow-matching DiT action head"))
