@@ -1,6 +1,8 @@
 """quantvla.quantize(model, calibration, config): the one verb.
 
-1. copy the FP model (the teacher is never modified);
+1. copy the FP model's structure (the teacher is never modified); the student shares every weight
+   it does not change with the teacher (its own Parameter objects over the teacher's storage), so
+   quantizing costs the quantized layers and the folded attention projections, not a second model;
 2. record each selected linear's input activations through the teacher on the first
    `act_batches` buffer entries (every denoising step), and replace the student's linears by
    QuantLinear (DuQuant transform + integer kernels) calibrated on them;
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,6 +121,21 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def sharing_copy(teacher: nn.Module, own: Iterable[nn.Module] = ()) -> nn.Module:
+    """A deep copy of `teacher` whose parameters and buffers view the teacher's storage, except those
+    of the modules in `own`, which are real copies. Each shared tensor is a new Parameter (or buffer
+    tensor) object, so converting or moving the copy (.to, .half, .cuda) rebinds its own tensors and
+    leaves the teacher alone; only an in-place edit of a shared tensor's values reaches both."""
+    owned = {id(t) for m in own for t in itertools.chain(m.parameters(), m.buffers())}
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(teacher.parameters(), teacher.buffers()):
+        if id(t) in owned or id(t) in memo:
+            continue
+        memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+            else t.detach()
+    return copy.deepcopy(teacher, memo)
+
+
 def _measure(model, buffer, entries, steps):
     sites = model.attention_sites()
     with observing(sites) as stats:
@@ -133,7 +153,9 @@ def quantize(model: nn.Module, calibration: CalibrationBuffer, config: QuantConf
         raise QuantInputError("the calibration buffer is empty; record at least one observation")
     _check_finite(calibration)
     teacher = model.eval()
-    student = copy.deepcopy(teacher)
+    folded = [lin for site in teacher.attention_sites() for lin in (site.q_proj, site.o_proj)] \
+        if config.atm or config.ohb else []  # ATM folds alpha into W_q, OHB beta into W_o
+    student = sharing_copy(teacher, folded)
     names = quantized_layer_names(student, config)
     report = report if report is not None else QuantizationReport(config.name)
     report.quantized = names

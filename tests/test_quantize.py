@@ -47,6 +47,26 @@ def test_selected_layers_become_integer_layers_and_the_teacher_is_untouched(setu
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
+def test_the_student_shares_what_it_does_not_change(setup):
+    """No second FP model: every tensor the quantizer leaves alone views the teacher's storage; the
+    attention projections ATM/OHB fold into are the student's own; converting the student leaves
+    the teacher's tensors alone."""
+    model, buf, _ = setup
+    q = quantize(model, buf, "quantvla-w4a8")
+    fp_ptr = {n: t.data_ptr() for n, t in model.state_dict().items()}
+    q_state = q.state_dict()
+    module_name = {id(m): n for n, m in q.named_modules()}
+    folded = {module_name[id(lin)] for site in q.attention_sites() for lin in (site.q_proj, site.o_proj)}
+    replaced = set(quantized_layer_names(model, preset("quantvla-w4a8")))  # QuantLinear owns its bias
+    kept = [n for n in q_state if n in fp_ptr and n.rsplit(".", 1)[0] not in folded | replaced]
+    assert kept and all(q_state[n].data_ptr() == fp_ptr[n] for n in kept)
+    assert folded and all(q_state[f"{n}.weight"].data_ptr() != fp_ptr[f"{n}.weight"] for n in folded)
+    shared = sum(q_state[n].numel() * q_state[n].element_size() for n in kept)
+    assert shared > 0.2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    q.to(torch.float64)
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
+
+
 def test_component_memory_counts_the_onednn_cache(setup, monkeypatch):
     """A model run on the opt-in prepacked backend keeps more than it stores, and the report says so.
     Where oneDNN is inexact (no VNNI) its availability is injected and its GEMM is the oracle: the
