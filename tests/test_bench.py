@@ -28,7 +28,9 @@ def test_bench_models_cli_writes_rows_json_and_png(tmp_path):
     assert row["storage_mib"] <= row["resident_mib"] <= row["storage_mib"] + 0.002
     # the lean forward: 205 top-level torch ops per call before it, about 40 after
     assert 0 < row["ops_per_linear"] <= 80
-    assert row["fp_peak_mib"] is None  # CUDA only
+    assert row["fp_peak_mib"] is None and row["quantize_peak_cuda_mib"] is None  # CUDA only
+    # the quantize() peak is the whole process's RSS: at least the FP model it holds
+    assert row["fp_model_mib"] > 0 and row["quantize_peak_rss_mib"] > row["fp_model_mib"]
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

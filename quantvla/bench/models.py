@@ -15,7 +15,10 @@ calibration quality does not change speed or bytes).
 
 from __future__ import annotations
 
+import itertools
+import os
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +52,46 @@ class ModelRow:
     ops_per_linear: int | None = None  # top-level torch ops one quantized linear call dispatches
     fp_peak_mib: float | None = None  # CUDA only: peak allocated memory while the model runs a chunk
     q_peak_mib: float | None = None
+    fp_model_mib: float | None = None  # bytes of every FP parameter and buffer, in the model's dtype
+    quantize_peak_rss_mib: float | None = None  # CPU, Linux: the process's peak RSS while quantize() ran
+    quantize_peak_cuda_mib: float | None = None  # CUDA: peak allocated memory while quantize() ran
+
+
+class PeakRSS:
+    """The process's peak resident set size over a block, sampled every `interval` s from
+    /proc/self/statm by a thread (None where there is no /proc). ru_maxrss cannot be reset, so a
+    block later in a run would report an earlier, larger peak."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_bytes = interval, None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._stop = threading.Event()
+
+    def _rss(self) -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            return None
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            rss = self._rss()
+            if rss is not None:
+                self.peak_bytes = max(self.peak_bytes or 0, rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        rss = self._rss()
+        if rss is not None:
+            self.peak_bytes = max(self.peak_bytes or 0, rss)
 
 
 def _subject(family: str, size: str, seed: int, entries: int):
@@ -106,10 +149,16 @@ def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", r
     model = model.to(device=device, dtype=fp_dtype).eval()
     buffer, x, noise = buffer.to(device), x.to(device), noise.to(device)
     _sync(device)
+    fp_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    q = quantize(model, buffer, quantizer).eval()
-    _sync(device)
+    with PeakRSS() as rss:
+        q = quantize(model, buffer, quantizer).eval()
+        _sync(device)
     quantize_s = time.perf_counter() - t0
+    quantize_cuda = round(torch.cuda.max_memory_allocated() / MIB, 1) if device.startswith("cuda") else None
+    quantize_rss = None if rss.peak_bytes is None else round(rss.peak_bytes / MIB, 1)
     ops = ops_per_linear_call(q, x, noise)
 
     def chunk(m):
@@ -139,9 +188,12 @@ def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", r
                    round(sum(p.numel() for p in model.parameters()) / 1e6, 3), c.num_steps, c.action_horizon,
                    len(buffer), round(fp_ms, 3), round(q_ms, 3), round(fp_ms / q_ms, 2), round(quantize_s, 2),
                    round(mem.fp16_bytes / MIB, 3), round(mem.storage_bytes / MIB, 3),
-                   round(mem.resident_bytes / MIB, 3), round(mem.saving, 4), ops, peaks.get("fp"), peaks.get("q"))
+                   round(mem.resident_bytes / MIB, 3), round(mem.saving, 4), ops, peaks.get("fp"), peaks.get("q"),
+                   round(fp_bytes / MIB, 1), quantize_rss, quantize_cuda)
     log(f"  {family} {size} ({row.params_M} M params, {row.fp_dtype} on {device}): chunk FP {fp_ms:.1f} ms, "
-        f"{quantizer} {q_ms:.1f} ms ({row.speedup}x); quantize {quantize_s:.1f} s on {len(buffer)} entries; "
+        f"{quantizer} {q_ms:.1f} ms ({row.speedup}x); quantize {quantize_s:.1f} s on {len(buffer)} entries"
+        + (f", peak RSS {_size(rss.peak_bytes)} = {rss.peak_bytes / fp_bytes:.2f}x the FP model's {_size(fp_bytes)}"
+           if rss.peak_bytes else "") + "; "
         f"components FP16 {_size(mem.fp16_bytes)} -> {_size(mem.storage_bytes)} stored, "
         f"{_size(mem.resident_bytes)} resident ({mem.saving:.1%} saved); {ops} ops per quantized linear call"
         + (f"; peak CUDA memory FP {peaks['fp']} MiB, quantized {peaks['q']} MiB" if peaks else ""))
