@@ -26,13 +26,16 @@ def _bench_kernels(args) -> int:
     import torch
 
     from quantvla.bench import kernels
-    from quantvla.quant.kernels import cpu_kernel_ok, onednn_unavailable_reason
+    from quantvla.quant.kernels import cpu_gemm, cpu_kernel_ok, onednn_unavailable_reason, set_cpu_gemm
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_gemm != "auto":
+        set_cpu_gemm(args.cpu_gemm)
     ms = tuple(args.m) if args.m else kernels.DEFAULT_M
     onednn = onednn_unavailable_reason() or "ok"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, int8 CPU kernel exact: {cpu_kernel_ok()}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu GEMM {cpu_gemm()} "
+          f"({'chosen by hand' if args.cpu_gemm != 'auto' else 'from the instruction set'}), exact: {cpu_kernel_ok()}, "
           f"prepacked oneDNN path: {onednn}")
     rows = kernels.run(ms=ms, min_rounds=args.rounds, with_transform=not args.no_transform, device=args.device)
     print(kernels.as_table(rows))
@@ -60,6 +63,9 @@ def _bench_models(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_gemm != "auto":
+        from quantvla.quant.kernels import set_cpu_gemm
+        set_cpu_gemm(args.cpu_gemm)
     from quantvla.presets import preset
 
     preset(args.quantizer)  # an unknown name is a clear error before anything is built
@@ -248,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     k.add_argument("--no-transform", action="store_true", help="skip the W4A8+DuQuant row")
     k.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    k.add_argument("--cpu-gemm", default="auto", choices=["auto", "int_mm", "fp32"],
+                   help="the cpu backend's exact GEMM (default: chosen from the instruction set)")
     k.add_argument("--json", help="also write the rows to this JSON file, and a PNG beside it")
     k.set_defaults(func=_bench_kernels)
     mb = bench_sub.add_parser("models", help="FP vs quantized: action-chunk latency, calibration time, memory")
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     mb.add_argument("--entries", type=int, default=16, help="synthetic calibration entries for tiny/full (default 16)")
     mb.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the FP model's dtype")
     mb.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    mb.add_argument("--cpu-gemm", default="auto", choices=["auto", "int_mm", "fp32"],
+                    help="the cpu backend's exact GEMM (default: chosen from the instruction set)")
     mb.add_argument("--seed", type=int, default=0)
     mb.add_argument("--threads", type=int)
     mb.add_argument("--json", help="also write the rows to this JSON file, and a PNG beside it")

@@ -183,6 +183,19 @@ def test_fp32_chunks_stop_at_the_exactness_edge(monkeypatch, gemm, wbits, k):
     assert torch.equal(kernels.int_linear(qx, stored, k, wbits, "cpu").long(), want)
 
 
+def test_the_cpu_gemm_can_be_chosen_by_hand_and_detected_again():
+    detected = kernels.cpu_gemm()
+    other = "fp32" if detected == "int_mm" else "int_mm"
+    try:
+        kernels.set_cpu_gemm(other)
+        assert kernels.cpu_gemm() == other and kernels.cpu_kernel_ok()  # the self-test reran for it
+        with pytest.raises(KernelUnavailable, match="unknown cpu GEMM"):
+            kernels.set_cpu_gemm("avx9")
+    finally:
+        kernels.set_cpu_gemm(None)
+    assert kernels.cpu_gemm() == detected
+
+
 def test_cpu_gemm_follows_the_instruction_set():
     """Read /proc/cpuinfo independently of torch's detection (Linux only)."""
     try:

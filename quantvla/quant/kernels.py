@@ -125,6 +125,16 @@ def cpu_gemm() -> str:
     return _cpu_gemm
 
 
+def set_cpu_gemm(gemm: str | None) -> None:
+    """Choose the "cpu" backend's GEMM by hand (benchmarks comparing the two on one machine, or a CPU
+    whose features torch misreports); None: back to cpu_gemm()'s choice from the instruction set.
+    Both are exact where the self-test passes, which reruns for the new choice."""
+    global _cpu_gemm, _cpu_ok
+    if gemm is not None and gemm not in CPU_GEMMS:
+        raise KernelUnavailable(f"unknown cpu GEMM {gemm!r}; choose one of {CPU_GEMMS} (or None: detect)")
+    _cpu_gemm, _cpu_ok = gemm, None
+
+
 def _x86_without_vnni() -> bool:
     """From torch's own CPU feature detection (torch.cpu.get_capabilities where this torch has it;
     older builds: the private probes, which see AVX-512 VNNI and AMX only)."""
