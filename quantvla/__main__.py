@@ -110,7 +110,8 @@ def _libero(args) -> int:
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         report = paired.run(args.model, args.size, args.checkpoint, quantizers, suites, args.episodes, args.seed,
-                            args.margin, out, max_steps=args.max_steps, should_stop=lambda: bool(stop))
+                            args.margin, out, max_steps=args.max_steps, should_stop=lambda: bool(stop),
+                            blank_images=args.blank_images)
     except KeyboardInterrupt:
         report = {"partial": True}
     finally:
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     lib.add_argument("--margin", type=_user_value("parse_margin"), default=0.10,
                      help="non-inferiority margin in success rate, in [0, 1)")
     lib.add_argument("--max-steps", type=int, help="cap episode length (smoke runs)")
+    lib.add_argument("--blank-images", action="store_true",
+                     help="ablation: every camera image reads as black (does a policy that sees use its eyes?)")
     lib.add_argument("--json", default="libero-report.json")
     lib.add_argument("--allow-inconclusive", action="store_true",
                      help="exit 0 when a gate is inconclusive (underpowered, simulator errors); a failing one still "

@@ -21,10 +21,11 @@ SUITE_NAMES = {"spatial": "libero_spatial", "object": "libero_object", "goal": "
 
 def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str], suites: list[str], episodes: int,
         seed: int, margin: float, out: Path, max_steps: int | None = None, log=print,
-        should_stop=lambda: False) -> dict:
+        should_stop=lambda: False, blank_images: bool = False) -> dict:
     """Each episode runs the FP model once and every quantized model on the same task, init state
     and seed; each quantizer's gate is decided per suite against the FP outcomes. `should_stop()`
-    is asked after every pair: True ends the run there, with the report left "partial"."""
+    is asked after every pair: True ends the run there, with the report left "partial".
+    `blank_images` (an ablation for policies that see): every arm's cameras read as black."""
     from quantvla import preset, quantize
     from quantvla.eval.libero import TaskEnv
     from quantvla.eval.protocols import protocol_for
@@ -36,10 +37,14 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
     size = "trained" if checkpoint and is_bundle(checkpoint) else size
     loaded = families.load_fp(model_name, size, checkpoint, entries=8, seed=seed)
     fp, calibration, bundle = loaded.model, loaded.calibration, loaded.bundle
+    if blank_images and bundle is not None and not bundle.sees:
+        raise QuantVLAError(f"--blank-images: the policy in {bundle.path} reads object-state tokens, not cameras; "
+                            "the ablation is for a policy that sees (config tiny-vision)")
     models = {"fp": fp} | {name: quantize(fp, calibration, preset(name)) for name in quantizers}
     protocol = bundle.protocol() if bundle is not None else protocol_for(model_name)
     report = {"model": model_name, "config": bundle.meta["config_name"] if bundle else size, "checkpoint": checkpoint,
-              "quantizers": quantizers, "seed": seed, "protocol": protocol.name, "margin": margin,
+              "quantizers": quantizers, "seed": seed, "protocol": protocol.name, "render": protocol.render,
+              "blank_images": blank_images, "margin": margin,
               "partial": True, "episodes": [], "gates": {name: {} for name in quantizers}}
     for suite in suites:
         tasks = task_list(bundle, suite)
@@ -50,7 +55,8 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
                 env = envs.get(task) or envs.setdefault(task, TaskEnv(suite, task, protocol))
                 row = {"suite": suite, "task": task, "init": init_index, "quantized": {}}
                 for label, model in models.items():
-                    r = env.run_episode(init_index, ModelPolicy.for_task(model, env, seed=seed, bundle=bundle),
+                    r = env.run_episode(init_index, ModelPolicy.for_task(model, env, seed=seed, bundle=bundle,
+                                                                             blank_images=blank_images),
                                         seed=protocol.seed, max_steps=max_steps).to_dict()
                     if label == "fp":
                         row["fp"] = r
