@@ -149,6 +149,9 @@ def test_a_policy_that_sees_is_seeded_reads_the_image_and_round_trips(family, tm
     blind = ModelPolicy.for_task(bundle.model, Task(), seed=0, bundle=bundle, blank_images=True)
     frame = dict(zip(("agentview_image", "robot0_eye_in_hand_image"), demos.images[0].numpy(), strict=True))
     black = {k: np.zeros_like(v) for k, v in frame.items()}
+    proprio = {"robot0_eef_pos": np.zeros(3), "robot0_eef_quat": np.array([0, 0, 0, 1.0]),
+               "robot0_gripper_qpos": np.zeros(2)}  # GR00T reads the state too
+    frame, black = frame | proprio, black | proprio
     assert not blind.needs_images  # the ablation renders nothing and reads black frames
     assert np.array_equal(blind.infer(frame, Task.instruction), policy.infer(black, Task.instruction))
     policy.reset()

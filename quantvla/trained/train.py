@@ -110,6 +110,14 @@ def _loss(model, inputs, chunk: torch.Tensor, gen: torch.Generator) -> torch.Ten
     return torch.nn.functional.mse_loss(v[:, :, :7], goal[:, :, :7])  # padded action dims carry nothing
 
 
+def _start(family: str, config_name: str, demos: Demos, cfg: TrainConfig):
+    """Seeded, the untrained model, the training and held-out episodes, and each step's episode."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    train_eps, held_eps = split(demos)
+    return build(family, config_name).train(), train_eps, held_eps, demos.episode.numpy()
+
+
 def _cosine_lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
 
@@ -118,12 +126,8 @@ def train(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), log=print
     """-> (model, adapter, calibration buffer, training record)."""
     if len(demos.actions) == 0:
         raise QuantVLAError("the demos file holds no steps")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    model = build(family, "tiny-state").train()
+    model, train_eps, held_eps, episode = _start(family, "tiny-state", demos, cfg)
     c = model.config
-    train_eps, held_eps = split(demos)
-    episode = demos.episode.numpy()
     train_steps = np.flatnonzero(np.isin(episode, train_eps))
     adapter = make_adapter(family, c, demos, train_steps)
     index = chunk_index(episode, c.action_horizon)
@@ -211,12 +215,8 @@ def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), lo
     -> (model, adapter, calibration buffer, training record)."""
     if demos.images is None or demos.state is None:
         raise QuantVLAError("these demos have no camera frames; make them with `python -m quantvla demos --render R`")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    model = build(family, "tiny-vision").train()
+    model, train_eps, held_eps, episode = _start(family, "tiny-vision", demos, cfg)
     c = model.config
-    train_eps, held_eps = split(demos)
-    episode = demos.episode.numpy()
     frame_step = demos.frame_step.numpy()
     frame_ep = episode[frame_step]
     train_frames = np.flatnonzero(np.isin(frame_ep, train_eps))
