@@ -265,3 +265,12 @@ def test_rendered_demos_keep_every_nth_frame_and_the_physics(tmp_path):
     assert Demos.load(tmp_path / "d.safetensors").images is not None and plain.images is None
     with pytest.raises(QuantVLAError, match="--render must be"):
         generate("libero_object", [2], 1, render=8, log=lambda *_: None)
+
+
+def test_the_blank_image_ablation_refuses_a_policy_without_cameras(tmp_path, capsys):
+    from quantvla.__main__ import main
+
+    rc = main(["libero", "--model", "pi05", "--checkpoint", str(POLICIES / "pi05-tiny-state"), "--blank-images",
+               "--suites", "object", "--episodes", "1", "--json", str(tmp_path / "r.json")])
+    assert rc == 2 and "reads object-state tokens" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

@@ -37,9 +37,10 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
     size = "trained" if checkpoint and is_bundle(checkpoint) else size
     loaded = families.load_fp(model_name, size, checkpoint, entries=8, seed=seed)
     fp, calibration, bundle = loaded.model, loaded.calibration, loaded.bundle
-    if blank_images and bundle is not None and not bundle.sees:
-        raise QuantVLAError(f"--blank-images: the policy in {bundle.path} reads object-state tokens, not cameras; "
-                            "the ablation is for a policy that sees (config tiny-vision)")
+    if blank_images and (bundle is None or not bundle.sees):
+        what = f"the policy in {bundle.path} reads object-state tokens" if bundle else "this is not a trained policy"
+        raise QuantVLAError(f"--blank-images: {what}; the ablation is for a trained policy that sees (config "
+                            "tiny-vision, passed as --checkpoint <folder>)")
     models = {"fp": fp} | {name: quantize(fp, calibration, preset(name)) for name in quantizers}
     protocol = bundle.protocol() if bundle is not None else protocol_for(model_name)
     report = {"model": model_name, "config": bundle.meta["config_name"] if bundle else size, "checkpoint": checkpoint,
