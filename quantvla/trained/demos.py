@@ -195,8 +195,13 @@ def generate(suite: str, tasks: list[int], per_task: int, max_steps: int = 280, 
         raise QuantVLAError(f"--render must be 0 (no cameras) or {MIN_RENDER}..{MAX_RENDER} pixels and --every at "
                             f"least 1 (got {render}, {every})")
     jobs = [(suite, t, per_task, max_steps, 3 * per_task, noisy_share, noise, render, every) for t in tasks]
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
-        results = list(pool.map(_task_demos, *zip(*jobs, strict=True)))
+    if workers <= 1 or len(jobs) == 1:
+        # in this process: a fork of a process whose threads (torch, EGL) hold a lock inherits it held,
+        # and the child waits forever (seen in a pytest-xdist worker that had run LIBERO before)
+        results = [_task_demos(*job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            results = list(pool.map(_task_demos, *zip(*jobs, strict=True)))
     objects, actions, episode, ep_tasks, instructions = [], [], [], [], []
     states, frames, frame_step, offset = [], [], [], 0
     summary = {}
