@@ -179,6 +179,13 @@ class LiberoAdapter:
         self.action_norm, self.state_norm, self.state_dim = action_norm, state_norm, state_dim
         self.crop = families.get(family).image_crop
 
+    @classmethod
+    def for_config(cls, family: str, config, tokenizer, stats: dict[str, NormStats]) -> LiberoAdapter:
+        """The adapter of a model config: its image size, token budget and (where the family's
+        protocol has one) state size, with the family's action normalisation."""
+        return cls(family, config.vision.image, config.max_token_len, tokenizer, stats,
+                   action_norm=families.get(family).action_norm, state_dim=getattr(config, "state_dim", 0))
+
     def images(self, obs: dict) -> torch.Tensor:
         out = []
         for key in ("agentview_image", "robot0_eye_in_hand_image"):

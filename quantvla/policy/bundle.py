@@ -67,9 +67,7 @@ class Bundle:
         model-zoo model uses) for a policy that sees; object tokens of the task's `goal` otherwise."""
         c = self.model.config
         if self.sees:
-            fam = families.get(self.family)
-            return LiberoAdapter(self.family, c.vision.image, c.max_token_len, self.tokenizer, self.stats,
-                                 action_norm=fam.action_norm, state_dim=getattr(c, "state_dim", 0))
+            return LiberoAdapter.for_config(self.family, c, self.tokenizer, self.stats)
         return StateAdapter(self.family, c, self.tokenizer, self.stats, goal)
 
     def protocol(self) -> Protocol:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quantvla import families
 from quantvla.eval.libero import CAMERAS
 from quantvla.policy.adapters import LiberoAdapter, NormStats, WordTokenizer
 
@@ -32,12 +31,9 @@ class ModelPolicy:
     @classmethod
     def for_model(cls, model, instructions: list[str], seed: int = 0, num_steps: int | None = None) -> ModelPolicy:
         c = model.config
-        family = model.family
-        state_dim = getattr(c, "state_dim", 0)
         stats = {"actions": identity_stats(7), "state": identity_stats(8)}
         tokenizer = WordTokenizer.fit(instructions)
-        adapter = LiberoAdapter(family, c.vision.image, c.max_token_len, tokenizer, stats,
-                                action_norm=families.get(family).action_norm, state_dim=state_dim)
+        adapter = LiberoAdapter.for_config(model.family, c, tokenizer, stats)
         return cls(model, adapter, seed, num_steps)
 
     @classmethod

@@ -28,6 +28,7 @@ import torch
 from quantvla import families
 from quantvla.calibration.buffer import CalibrationBuffer
 from quantvla.errors import QuantVLAError
+from quantvla.eval.libero import CAMERAS
 from quantvla.models import build
 from quantvla.models.observation import ModelInputs
 from quantvla.models.siglip import SiglipVisionModel
@@ -186,15 +187,12 @@ def vision_adapter(family: str, config, demos: Demos, steps: np.ndarray) -> Libe
     statistics from the training steps; it turns the demos' raw frames into model images."""
     actions = model_actions(family, demos.actions.numpy()[steps])
     stats = {"actions": _stats(actions, STD_FLOOR), "state": _stats(demos.state.numpy()[steps], STD_FLOOR)}
-    fam = families.get(family)
-    return LiberoAdapter(family, config.vision.image, config.max_token_len, WordTokenizer.fit(demos.instructions),
-                         stats, action_norm=fam.action_norm, state_dim=getattr(config, "state_dim", 0))
+    return LiberoAdapter.for_config(family, config, WordTokenizer.fit(demos.instructions), stats)
 
 
 def model_images(adapter: LiberoAdapter, frames: torch.Tensor) -> torch.Tensor:
     """[F, 2, R, R, 3] uint8 raw frames -> [F, 2, 3, S, S] through the adapter evaluation uses."""
-    keys = ("agentview_image", "robot0_eye_in_hand_image")
-    return torch.stack([adapter.images(dict(zip(keys, f.numpy(), strict=True))) for f in frames])
+    return torch.stack([adapter.images(dict(zip(CAMERAS, f.numpy(), strict=True))) for f in frames])
 
 
 def _shift(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
