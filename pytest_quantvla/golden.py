@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,33 @@ REL_ACTION = 0.25  # action MSE: 25% relative (a squared, small quantity)
 ABS_ACTION = 1e-9
 
 
-def folder(run: RunConfig) -> Path:
-    """Where a run's golden lives: --quantvla-golden-dir when given; else the goldens shipped with
-    the plugin for the reference quantizer and its presets, and <rootdir>/quantvla-golden for a
-    third-party quantizer (its own regression baseline, recorded on its first run, for its owner to
-    commit)."""
+def own_baseline(run: RunConfig) -> bool:
+    """Whether the run's golden is its own regression baseline, recorded on its first run under
+    <rootdir>/quantvla-golden: a third-party quantizer's, and any quantizer's on a checkpoint given
+    with --quantvla-checkpoint (the shipped goldens were measured on the shipped subjects' weights
+    and say nothing about other weights)."""
     from pytest_quantvla.quantizers import is_reference
+
+    return run.checkpoint is not None or not is_reference(run.quantizer)
+
+
+def folder(run: RunConfig) -> Path:
+    """Where a run's golden lives: --quantvla-golden-dir when given; else <rootdir>/quantvla-golden
+    for a run that records its own baseline (own_baseline), and the goldens shipped with the plugin
+    for the reference quantizer and its presets on the shipped subjects."""
     from quantvla.data import data_dir
 
     if run.golden_dir is not None:
         return run.golden_dir
-    if is_reference(run.quantizer):
-        return data_dir("golden")
-    return (run.rootdir or Path.cwd()) / "quantvla-golden"
+    if own_baseline(run):
+        return (run.rootdir or Path.cwd()) / "quantvla-golden"
+    return data_dir("golden")
+
+
+def checkpoint_tag(checkpoint: Path) -> str:
+    """A file-name-safe tag for a checkpoint: its folder's name or its file's stem."""
+    name = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "checkpoint"
 
 
 def golden_name(run: RunConfig) -> str:
@@ -39,7 +54,14 @@ def golden_name(run: RunConfig) -> str:
     if ":" in q or "." in q:
         q = q.replace(":", "_").replace(".", "_") + f"-{run.bits}"
     seed = f"-seed{run.seed}" if run.seed else ""
-    return f"{run.model}-{run.size}-{q}{seed}.json"
+    weights = f"-{checkpoint_tag(run.checkpoint)}" if run.checkpoint is not None else ""
+    return f"{run.model}-{run.size}{weights}-{q}{seed}.json"
+
+
+def subject_options(run: RunConfig) -> str:
+    """The command-line options that name the run's subject (for the commands error messages give)."""
+    opts = f"--quantvla-model={run.model} --quantvla-config={run.size}"
+    return opts + (f" --quantvla-checkpoint={run.checkpoint}" if run.checkpoint is not None else "")
 
 
 def _close(a: float, b: float, rel: float, abs_: float) -> bool:

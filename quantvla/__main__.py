@@ -226,7 +226,7 @@ def _train_tiny(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     demos = Demos.load(args.demos)
-    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, aux_weight=args.aux_weight)
     sees = demos.images is not None  # rendered demos train a policy that sees
     model, adapter, calibration, record = (train_vision if sees else train)(args.model, demos, cfg)
     inputs = ("agentview and wrist cameras (rendered at {} px), the instruction{}; no object state".format(
@@ -237,7 +237,8 @@ def _train_tiny(args) -> int:
             "tasks": sorted(set(demos.tasks)), "inputs": inputs, "render": demos.meta.get("render") or None,
             "training": record, "demos": {k: v for k, v in demos.meta.items() if k != "per_task_summary"},
             "command": f"python -m quantvla train-tiny --model {args.model} --demos {args.demos} --out {args.out} "
-                       f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --seed {args.seed}"}
+                       f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --seed {args.seed}"
+                       + (f" --aux-weight {args.aux_weight}" if sees else "")}
     save_bundle(args.out, model, meta, adapter.tokenizer, adapter.stats, calibration)
     print(f"wrote {args.out}")
     return 0
@@ -334,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     tt.add_argument("--batch", type=int, default=256)
     tt.add_argument("--lr", type=float, default=3e-4)
     tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--aux-weight", type=float, default=0.5,
+                    help="policies that see: weight of the training-only object-pose loss on the vision tower")
     tt.add_argument("--threads", type=int)
     tt.set_defaults(func=_train_tiny)
     qz = sub.add_parser("quantize", help="quantize a model and write the artifact, printing its memory")

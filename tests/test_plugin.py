@@ -348,3 +348,35 @@ def test_a_main_job_prints_a_line_per_phase_with_its_time(pytester):
                                  "quantvla: measure: * built-in checks (before -k/-m selection)"])
     assert "quantvla: quantize" not in pytester.runpytest_subprocess("--quantvla-model=gr00t-n15", "-qq", "-k",
                                                                      "memory").stdout.str()
+
+
+@pytest.mark.slow  # three partial main jobs
+def test_a_users_checkpoint_records_its_own_golden_not_the_shipped_one(pytester):
+    """The shipped goldens were measured on the shipped policy's weights: a run on any other
+    checkpoint (here the shipped policy retrained, i.e. perturbed) records its own baseline on
+    its first run and compares against that later, instead of failing a good quantizer against
+    numbers from other weights (it did: 9 of 29 checks red on a seeing policy)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from quantvla.data import data_dir
+    policy = pytester.path / "my-policy"
+    shutil.copytree(data_dir("golden") / "policies" / "pi05-tiny-state", policy)
+    weights = load_file(policy / "model.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    save_file({k: v + 0.05 * v.std().nan_to_num() * torch.randn(v.shape, generator=gen) if v.is_floating_point()
+               and v.numel() > 1 else v for k, v in weights.items()}, policy / "model.safetensors")
+    args = ["--quantvla-model=pi05", f"--quantvla-checkpoint={policy}", "-k", "golden or drift", "-q"]
+    first = pytester.runpytest_subprocess(*args)
+    assert first.ret == pytest.ExitCode.OK, first.stdout.str()[-3000:]
+    path = pytester.path / "quantvla-golden" / "pi05-trained-my-policy-quantvla-w4a8.json"
+    assert json.loads(path.read_text())["action_mse"] > 0
+    assert pytester.runpytest_subprocess(*args).ret == pytest.ExitCode.OK  # now against its own baseline
+    data = json.loads(path.read_text())
+    data["action_mse"] *= 10  # the baseline is really read
+    path.write_text(json.dumps(data))
+    result = pytester.runpytest_subprocess(*args)
+    result.stdout.fnmatch_lines([f"*statistics differ from {path} beyond tolerance:*", "*action MSE*"])

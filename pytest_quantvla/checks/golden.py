@@ -15,7 +15,7 @@ from pytest_quantvla import subject as subject_module
 from pytest_quantvla.checks import layers
 from pytest_quantvla.collect import Check, CheckFailed
 from pytest_quantvla.options import RunConfig
-from pytest_quantvla.quantizers import is_reference, preset_for
+from pytest_quantvla.quantizers import preset_for
 from pytest_quantvla.results import CheckResult
 from pytest_quantvla.subject import subject
 from quantvla.drift import paired_statistics
@@ -83,14 +83,15 @@ def golden_statistics(run: RunConfig) -> GoldenResult:
             f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
         return summary
     expected = golden.load(path)
-    if expected is None and not is_reference(run.quantizer):
-        # A third-party quantizer's first run: the checks against FP and the paper decide; its own
-        # regression baseline is what it measured now, recorded for later runs to compare against.
+    if expected is None and golden.own_baseline(run):
+        # The first run of a third-party quantizer or on a user's checkpoint: the checks against FP
+        # and the paper decide; its own regression baseline is what it measured now, recorded for
+        # later runs to compare against.
         _write(path, got)
         summary.extra["golden_update"] = f"baseline recorded at {path}; commit it (later runs compare against it)"
         return summary
     if expected is None:
-        opts = f"--quantvla-model={run.model} --quantvla-config={run.size} --quantvla-bits={run.bits}"
+        opts = f"{golden.subject_options(run)} --quantvla-bits={run.bits}"
         if run.quantizer != "quantvla":
             opts += f" --quantvla-quantizer={run.quantizer}"
         raise CheckFailed(f"no golden at {path}; create it with: pytest {opts} --quantvla-update-golden "

@@ -50,6 +50,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup: int = 200
     seed: int = 0
+    aux_weight: float = 0.5  # policies that see: weight of the training-only object-pose regression
 
 
 def _stats(x: np.ndarray, floor: float) -> NormStats:
@@ -179,7 +180,6 @@ def train(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), log=print
 
 # ----------------------------------------------------------------------------- policies that see
 SHIFT = 4  # random-shift augmentation of the model's images, in pixels (DrQ, Kostrikov et al. 2020)
-AUX_WEIGHT = 0.5  # weight of the training-only object-pose regression from the vision tower
 
 
 def vision_adapter(family: str, config, demos: Demos, steps: np.ndarray) -> LiberoAdapter:
@@ -209,7 +209,7 @@ def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), lo
     """A policy whose observation is the two cameras + instruction (+ the family's proprioceptive
     state), no object tokens. Samples are the demos' frames (every `every`-th step); during training
     only, a linear head on the vision tower's pooled features regresses the simulator's object
-    tokens (AUX_WEIGHT): it is not part of the model and never runs at evaluation.
+    tokens (TrainConfig.aux_weight): it is not part of the model and never runs at evaluation.
     -> (model, adapter, calibration buffer, training record)."""
     if demos.images is None or demos.state is None:
         raise QuantVLAError("these demos have no camera frames; make them with `python -m quantvla demos --render R`")
@@ -259,7 +259,7 @@ def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), lo
             loss = _loss(model, inputs, targets[index[at]], gen)
             aux = torch.nn.functional.mse_loss(aux_head(torch.cat(features[:c.num_images], 1)), aux_target[at])
             opt.zero_grad(set_to_none=True)
-            (loss + AUX_WEIGHT * aux).backward()
+            (loss + cfg.aux_weight * aux).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             losses.append(loss.item())
@@ -283,7 +283,7 @@ def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), lo
     record = {"steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
               "train_demos": len(train_eps), "held_out_demos": len(held_eps), "train_frames": len(train_frames),
               "augmentation": f"random shift +-{SHIFT} px", "aux_loss": f"object tokens from the pooled vision "
-              f"tower, weight {AUX_WEIGHT}, training only", "initial_loss": float(np.mean(losses[:10])),
+              f"tower, weight {cfg.aux_weight}, training only", "initial_loss": float(np.mean(losses[:10])),
               "final_loss": float(np.mean(losses[-100:])), "final_aux_loss": float(np.mean(aux_losses[-100:])),
               "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
     return model, adapter, calibration, record
