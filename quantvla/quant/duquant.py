@@ -125,29 +125,32 @@ class BlockRotation(nn.Module):
             torch.zeros(0, 0, dtype=dtype, device=dev)
         return full, rem
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # not nn.Module.apply(fn)
-        """x [M, K] times blockdiag(R). A rotation without reflections returns x itself."""
+    def apply(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:  # type: ignore[override]
+        """x [M, K] times blockdiag(R). A rotation without reflections returns x itself; `inplace`
+        (the caller owns x, a temporary): reflections may overwrite x instead of a copy of it."""
         if self.kind == "householder":
-            return self._reflect(x)
+            return self._reflect(x, inplace)
         return apply_blocks(x, self.layout, *self.matrices(x.dtype))
 
-    def _reflect(self, x: torch.Tensor) -> torch.Tensor:
+    def _reflect(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Apply the reflections one by one: x_b <- x_b - c (x_b . v) v^T, v = e_j - u 1, u = 1/sqrt(b).
         Each step is O(M K), against O(M K b) for the dense block product (and no matrix to build).
-        Everything derived from `index` comes from the cached plan, so a call runs only the arithmetic."""
+        Everything derived from `index` comes from the cached plan, so a call runs only the arithmetic,
+        in place on its [M, blocks, 1] temporaries (the same operations in the same order, so the
+        same bits, as the out-of-place form)."""
         plan = self._reflection_plan(x.dtype, x.device)
         if not plan:
             return x
         m = x.shape[0]
-        out = x.clone()
+        out = x if inplace else x.clone()
         for start, blocks, size, u, steps in plan:
             view = out[:, start:start + blocks * size].view(m, blocks, size)
-            for jj, weight in steps:
+            for jj, weight in steps:  # jj [1, blocks, 1], weight [blocks, 1]
                 jj = jj.expand(m, -1, 1)
-                d = view.gather(2, jj).squeeze(2) - u * view.sum(dim=2)  # x_b . v, [m, blocks]
-                d = d * weight
-                view.add_((u * d)[:, :, None])
-                view.scatter_add_(2, jj, -d[:, :, None])
+                d = view.gather(2, jj).sub_(view.sum(dim=2, keepdim=True).mul_(u))  # x_b . v, [m, blocks, 1]
+                d.mul_(weight)
+                view.add_(d * u)
+                view.scatter_add_(2, jj, d.neg_())
         return out
 
     def _reflection_plan(self, dtype: torch.dtype, device: torch.device) -> list[Any]:
@@ -174,7 +177,8 @@ class BlockRotation(nn.Module):
             n_steps = int(active.any(dim=0).sum())  # the best prefixes are left-aligned
             weight_all = coef * active.to(dtype)  # coef where a block has this step, else 0
             jj_all = j_all.clamp_min(0)
-            steps = [(jj_all[None, :, s, None].contiguous(), weight_all[:, s].contiguous()) for s in range(n_steps)]
+            steps = [(jj_all[None, :, s, None].contiguous(), weight_all[:, s, None].contiguous())
+                     for s in range(n_steps)]
             if steps:
                 plan.append((start, blocks, size, u, steps))
         self._plan = (key, plan)
@@ -318,14 +322,20 @@ class DuQuantTransform(nn.Module):
 
     # -------------------------------------------------------------------------- runtime
     def apply_act(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> x T (online side)."""
+        """x [M, K] -> x T (online side). x itself is never written: each step after the first that
+        makes a new tensor works in place on it."""
+        owned = False
         if self.smooth is not None:
             x = x / (self.smooth if self.smooth.dtype == x.dtype else self.smooth.to(x.dtype))
+            owned = True
         if self.rot1 is not None:
-            x = self.rot1.apply(x)
+            y = self.rot1.apply(x, inplace=owned)
+            owned = owned or y is not x
+            x = y
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        return self.rot2.apply(x)
+            owned = True
+        return self.rot2.apply(x, inplace=owned)
 
     def restore_output(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.out_rot is None else self.out_rot.apply(y)

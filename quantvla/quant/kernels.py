@@ -264,11 +264,12 @@ def cpu_int4_mm(qx: torch.Tensor, packed: torch.Tensor, tile_bytes: int | None =
     fp32 = cpu_gemm() == "fp32"
     k = qx.shape[1]
     if k == 2 * half and n * k <= budget and (not fp32 or k <= fp32_chunk(8)):
-        # The whole weight fits one tile (every small layer): unpack the halves into the scratch,
-        # join them into one [N, K] temporary and run a single GEMM on the unsplit activations.
-        scratch = _scratch(n * k)
-        lo, hi = unpack_int4_halves(packed, scratch[: n * half].view(n, half), scratch[n * half: n * k].view(n, half))
-        w = torch.cat([lo, hi], dim=1)
+        # The whole weight fits one tile (every small layer): unpack the two halves of each row
+        # side by side into the scratch, which is then the [N, K] weight, and run a single GEMM on
+        # the unsplit activations.
+        rows = _scratch(n * k)[: n * k].view(n, 2, half)
+        unpack_int4_halves(packed, rows[:, 0], rows[:, 1])
+        w = rows.view(n, k)
         if fp32:
             return F.linear(qx.to(torch.float32), w.to(torch.float32)).to(torch.int32)
         return _int_mm(qx, w)
