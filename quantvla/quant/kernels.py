@@ -267,9 +267,9 @@ def cpu_int4_mm(qx: torch.Tensor, packed: torch.Tensor, tile_bytes: int | None =
         # The whole weight fits one tile (every small layer): unpack the two halves of each row
         # side by side into the scratch, which is then the [N, K] weight, and run a single GEMM on
         # the unsplit activations.
-        rows = _scratch(n * k)[: n * k].view(n, 2, half)
-        unpack_int4_halves(packed, rows[:, 0], rows[:, 1])
-        w = rows.view(n, k)
+        halves = _scratch(n * k)[: n * k].view(n, 2, half)
+        unpack_int4_halves(packed, halves[:, 0], halves[:, 1])
+        w = halves.view(n, k)
         if fp32:
             return F.linear(qx.to(torch.float32), w.to(torch.float32)).to(torch.int32)
         return _int_mm(qx, w)
