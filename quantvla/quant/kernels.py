@@ -268,8 +268,10 @@ def cpu_int4_mm(qx: torch.Tensor, packed: torch.Tensor, tile_bytes: int | None =
         # side by side into the scratch, which is then the [N, K] weight, and run a single GEMM on
         # the unsplit activations.
         halves = _scratch(n * k)[: n * k].view(n, 2, half)
-        unpack_int4_halves(packed, halves[:, 0], halves[:, 1])
-        w = halves.view(n, k)
+        lo_out, hi_out = halves[:, 0], halves[:, 1]
+        lo, hi = unpack_int4_halves(packed, lo_out, hi_out)
+        # the halves it returns are the weight (in the buffers given, the usual case, no join is needed)
+        w = halves.view(n, k) if lo is lo_out and hi is hi_out else torch.cat([lo, hi], dim=1)
         if fp32:
             return F.linear(qx.to(torch.float32), w.to(torch.float32)).to(torch.int32)
         return _int_mm(qx, w)
