@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     k.add_argument("--no-transform", action="store_true", help="skip the W4A8+DuQuant row")
     k.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    k.add_argument("--cpu-gemm", default="auto", choices=["auto", "int_mm", "fp32"],
+    k.add_argument("--cpu-gemm", default="auto", choices=["auto", "int_mm", "u8_weight", "fp32"],
                    help="the cpu backend's exact GEMM (default: chosen from the instruction set)")
     k.add_argument("--json", help="also write the rows to this JSON file, and a PNG beside it")
     k.set_defaults(func=_bench_kernels)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     mb.add_argument("--entries", type=int, default=16, help="synthetic calibration entries for tiny/full (default 16)")
     mb.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the FP model's dtype")
     mb.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    mb.add_argument("--cpu-gemm", default="auto", choices=["auto", "int_mm", "fp32"],
+    mb.add_argument("--cpu-gemm", default="auto", choices=["auto", "int_mm", "u8_weight", "fp32"],
                     help="the cpu backend's exact GEMM (default: chosen from the instruction set)")
     mb.add_argument("--seed", type=int, default=0)
     mb.add_argument("--threads", type=int)

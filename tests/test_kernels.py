@@ -154,24 +154,35 @@ def test_cpu_self_test_passes_on_this_machine():
     assert kernels.cpu_kernel_ok(), f"the {kernels.cpu_gemm()} GEMM is inexact here; the cpu backend would fall back"
 
 
+def _skip_without(gemm: str) -> None:
+    if gemm == "u8_weight" and not kernels._has_onednn_qlinear():
+        pytest.skip("the u8_weight GEMM needs oneDNN's quantized linear, which this torch build lacks")
+
+
 @pytest.mark.parametrize("gemm", kernels.CPU_GEMMS)
 @given(data=st.data(), wbits=st.integers(2, 8), abits=st.sampled_from([4, 8]))
-def test_both_cpu_gemms_match_oracle(gemm, data, wbits, abits):
-    """Each GEMM the cpu backend can choose is exact on this machine too, not only the one chosen."""
+def test_every_cpu_gemm_matches_oracle(gemm, data, wbits, abits):
+    """Each GEMM the cpu backend can choose is exact on this machine too, not only the one chosen;
+    u8_weight on every drawn shape, not only those it is fast on (it is exact on VNNI CPUs too)."""
+    _skip_without(gemm)
     qx, qw = _operands(data.draw, wbits, abits)
     stored = pack_int4(qw) if wbits <= 4 else qw
-    with mock.patch.object(kernels, "_cpu_gemm", gemm):
+    with mock.patch.object(kernels, "_cpu_gemm", gemm), mock.patch.object(kernels, "_u8_weight_worth", lambda *a: True):
         got = kernels.int_linear(qx, stored, qx.shape[1], wbits, "cpu")
+    assert got.is_contiguous() and got.dtype == torch.int32
     assert torch.equal(got.long(), qx.long() @ qw.long().t())
 
 
 @pytest.mark.parametrize("gemm", kernels.CPU_GEMMS)
-@pytest.mark.parametrize("wbits, k", [(8, 1024), (8, 3000), (4, 16384), (4, 40000)])
+@pytest.mark.parametrize("wbits, k", [(8, 1024), (8, 3000), (8, 16384), (4, 16384), (4, 40000)])
 def test_fp32_chunks_stop_at_the_exactness_edge(monkeypatch, gemm, wbits, k):
     """All-min operands make every partial sum as large as it can be (one fp32 chunk of K = 1024 at
     W8, 16384 at W4, sums to just under 2^24); the first product is odd, so every sum is odd and
-    past 2^24 fp32 rounds it (checked below): a chunk one column too long fails here."""
+    past 2^24 fp32 rounds it (checked below): a chunk one column too long fails here. The u8_weight
+    GEMM's fp32 results reach 8 * 128 * K, 2^24 at K = 16384, its longest K."""
+    _skip_without(gemm)
     monkeypatch.setattr(kernels, "_cpu_gemm", gemm)
+    monkeypatch.setattr(kernels, "_u8_weight_worth", lambda *a: True)
     lo = -(1 << (wbits - 1))
     qx = torch.full((3, k), -128, dtype=torch.int8)
     qw = torch.full((2, k), lo, dtype=torch.int8)
@@ -196,6 +207,24 @@ def test_the_cpu_gemm_can_be_chosen_by_hand_and_detected_again():
     assert kernels.cpu_gemm() == detected
 
 
+def test_an_inexact_u8_weight_gemm_hands_over_to_fp32(monkeypatch):
+    """Known-bad: a u8_weight GEMM off by one (e.g. a wrong zero point) fails its self-test; the cpu
+    backend warns once and multiplies on the fp32 GEMM, which is exact, instead of the slow oracle."""
+    _skip_without("u8_weight")
+    monkeypatch.setattr(kernels, "_u8_weight_mm", lambda a, b: kernels._reference(a, b) + 1)
+    try:
+        kernels.set_cpu_gemm("u8_weight")
+        with pytest.warns(RuntimeWarning, match="uses its fp32 GEMM instead$"):
+            assert kernels.cpu_kernel_ok()
+        assert kernels.cpu_gemm() == "fp32"
+        gen = torch.Generator().manual_seed(0)
+        qx = torch.randint(-128, 128, (64, 2048), generator=gen, dtype=torch.int8)
+        qw = torch.randint(-128, 128, (2048, 2048), generator=gen, dtype=torch.int8)
+        assert torch.equal(kernels.int_linear(qx, qw, 2048, 8, "cpu").long(), qx.long() @ qw.long().t())
+    finally:
+        kernels.set_cpu_gemm(None)
+
+
 def test_cpu_gemm_follows_the_instruction_set():
     """Read /proc/cpuinfo independently of torch's detection (Linux only)."""
     try:
@@ -203,7 +232,9 @@ def test_cpu_gemm_follows_the_instruction_set():
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo flags line on this platform (not x86 Linux)")
     vnni = {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
-    assert kernels.cpu_gemm() == ("int_mm" if vnni else "fp32"), flags
+    without = "u8_weight" if kernels._has_onednn_qlinear() else "fp32"
+    assert kernels.cpu_kernel_ok()  # and its self-test did not hand over to another GEMM
+    assert kernels.cpu_gemm() == ("int_mm" if vnni else without), flags
 
 
 def test_saturating_operands_at_large_k():

@@ -21,7 +21,8 @@ from quantvla.quant.packing import pack_int4
 def _probe_operands(seed: int, wbits: int) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
     gen = torch.Generator().manual_seed(seed)
     lo, hi = -(1 << (wbits - 1)), (1 << (wbits - 1)) - 1
-    shapes = [(1, 1, 5), (3, 7, 2), (17, 129, 33), (64, 2048, 96), (5, 16384, 8)]
+    # 8x2048x2048 is large enough for the u8_weight GEMM AVX2-only CPUs use on big layers
+    shapes = [(1, 1, 5), (3, 7, 2), (17, 129, 33), (64, 2048, 96), (5, 16384, 8), (8, 2048, 2048)]
     for m, k, n in shapes:
         yield f"random {m}x{k}x{n}", (torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8),
                                       torch.randint(lo, hi + 1, (n, k), generator=gen, dtype=torch.int8))
@@ -32,6 +33,11 @@ def _probe_operands(seed: int, wbits: int) -> Iterator[tuple[str, tuple[torch.Te
     w = torch.full((96, 2048), hi, dtype=torch.int8)
     w[:, 0] = hi - 1
     yield "odd-large 64x2048x96", (torch.full((64, 2048), 127, dtype=torch.int8), w)
+    # odd sums whose unsigned partial sums pass 2^24 at the longest K the u8_weight GEMM takes: a
+    # kernel that leaves fp32 before it subtracts the weight's zero point rounds them
+    x = torch.full((8, 16382), 127, dtype=torch.int8)
+    x[:, 0] = 126
+    yield "odd-large 8x16382x256", (x, torch.full((256, 16382), hi, dtype=torch.int8))
 
 
 @dataclass(kw_only=True)

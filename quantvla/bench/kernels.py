@@ -5,7 +5,8 @@ and each keeps its median, so a burst of load from another process hits all of t
 Ratios are fp32 time / candidate time: > 1 means the candidate is faster. Every row also gives
 the bytes the candidate keeps resident (weights, scales, caches: QuantLinear.footprint()), so the
 one speed-for-memory trade on the list, "W8A8 prepacked" (the opt-in oneDNN backend, CPU only),
-shows its price next to its speed.
+shows its price next to its speed. On CPUs whose cpu backend runs the u8_weight GEMM (x86 without
+VNNI), "W8A8 fp32-GEMM" and "W4A8 fp32-GEMM" run the same layers on the fp32 GEMM it replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantvla.quant import kernels
 from quantvla.quant.config import ActQuantConfig, DuQuantConfig, LinearQuantConfig, WeightQuantConfig
 from quantvla.quant.linear import QuantLinear
 
@@ -94,9 +96,13 @@ def run(ms=DEFAULT_M, kns=DEFAULT_KN, with_transform: bool = True, min_rounds: i
             fns = {"fp32 F.linear": timed(lambda x=x, w=w32: F.linear(x, w)),
                    "bf16 F.linear": timed(lambda x=x16, w=w16: F.linear(x, w))}
             fns.update({name: timed(lambda layer=layer, x=x: layer(x)) for name, layer in layers.items()})
+            if device == "cpu" and kernels.cpu_gemm() == "u8_weight":
+                for name in ("W8A8", "W4A8"):
+                    fns[f"{name} fp32-GEMM"] = timed(lambda layer=layers[name], x=x: _on_fp32_gemm(layer, x))
             med = _time_interleaved(fns, min_rounds, min_seconds)
             resident = {"fp32 F.linear": w32.numel() * 4, "bf16 F.linear": w16.numel() * 2}
             resident.update({name: layer.footprint()["resident"] for name, layer in layers.items()})
+            resident.update({name: resident[name.split()[0]] for name in fns if name.endswith("fp32-GEMM")})
             for name, t in med.items():
                 row = KernelRow(m, k, n, name, round(t, 4), round(med["fp32 F.linear"] / t, 2),
                                 round(med["bf16 F.linear"] / t, 2), resident[name])
@@ -104,6 +110,11 @@ def run(ms=DEFAULT_M, kns=DEFAULT_KN, with_transform: bool = True, min_rounds: i
             log(f"  M={m:<4} K={k:<6} N={n:<6} " + "  ".join(f"{r.name} {r.ms:.3f}ms ({r.vs_fp32}x)"
                                                              for r in rows[-len(med):]))
     return rows
+
+
+def _on_fp32_gemm(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    with kernels.cpu_gemm_override("fp32"):
+        return layer(x)
 
 
 def as_table(rows: list[KernelRow]) -> str:

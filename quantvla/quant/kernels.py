@@ -6,10 +6,15 @@ qx is int8 [M, K]; qweight is int8 [N, K] (weights of 5..8 bits) or packed int4 
 [N, ceil(K/2)] (2..4 bits, see packing.py). Backends:
 
 - "reference": int64 matmul, the oracle. Slow, obviously exact.
-- "cpu": one of two exact GEMMs, chosen once per process from the CPU's instruction set
-  (cpu_gemm()): torch._int_mm (oneDNN s8s8s32) where the CPU has VNNI or AMX, or on x86 without
-  them, where _int_mm runs a slow generic kernel (0.01-0.1x fp32 on an AVX2-only EPYC), an fp32
-  GEMM of the integer values cut into K-chunks short enough that every partial sum stays below
+- "cpu": one of three exact GEMMs, chosen once per process from the CPU's instruction set
+  (cpu_gemm()): torch._int_mm (oneDNN s8s8s32) where the CPU has VNNI or AMX; on x86 without
+  them, where _int_mm runs a slow generic kernel (0.01-0.1x fp32 on an AVX2-only EPYC), oneDNN's
+  u8 x s8 kernel with the *weight* as the unsigned operand ("u8_weight", _u8_weight_mm): the
+  activations become the small prepacked operand (packing them costs little), the weight is
+  offset to unsigned per call, and the operands are kept small enough that the kernel's int16
+  pair sums cannot saturate. Small layers (where packing costs more than it saves) and
+  K > 16384 take the third GEMM, also the fallback where oneDNN's quantized linear is missing:
+  an fp32 GEMM of the integer values cut into K-chunks short enough that every partial sum stays below
   2^24, so that fp32 holds it exactly whatever the summation order (W4: K <= 16384 per chunk, W8:
   K <= 1024). Packed int4 weights are unpacked one tile of rows at a time into a small per-thread
   scratch buffer, so no int8 (or fp32) copy of the weight stays alive between calls. A one-time
@@ -31,17 +36,18 @@ All backends return bit-identical int32 results; tests check that against the or
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from quantvla.errors import KernelUnavailable
-from quantvla.quant.packing import unpack_int4, unpack_int4_halves
+from quantvla.quant.packing import pack_int4, unpack_int4, unpack_int4_halves
 
 BACKENDS = ("reference", "cpu", "onednn", "cuda")
 
@@ -106,7 +112,11 @@ def int_linear(qx: torch.Tensor, qweight: torch.Tensor, k: int, weight_bits: int
     return cpu_int4_mm(qx, qweight)
 
 
-CPU_GEMMS = ("int_mm", "fp32")
+CPU_GEMMS = ("int_mm", "u8_weight", "fp32")
+
+# Every oneDNN result of the u8_weight GEMM is an integer of magnitude <= 8 * 128 * K (see
+# _u8_weight_mm); fp32 holds it exactly up to 2^24, hence K <= 16384. Longer K: the fp32 GEMM.
+U8_WEIGHT_MAX_K = FP32_EXACT // (8 * 128)
 
 
 def cpu_gemm() -> str:
@@ -116,13 +126,40 @@ def cpu_gemm() -> str:
     - "int_mm": torch._int_mm, oneDNN's s8s8s32 kernel. Fast where the CPU has VNNI or AMX
       (AVX-512 VNNI, AVX-VNNI, AMX-INT8), and kept off x86 (e.g. aarch64, whose int8 dot-product
       instructions oneDNN uses); the self-test still decides whether it is exact.
-    - "fp32": on x86 without VNNI (AVX2-only hosts). There oneDNN's s8 kernel is its slow generic
-      one and its fast u8 kernel saturates in int16 pair sums; an fp32 GEMM of the integer values
-      is exact when every partial sum stays below 2^24 (see _fp32_int_mm) and runs at fp32 speed."""
+    - "u8_weight": on x86 without VNNI (AVX2-only hosts). There oneDNN's s8 kernel is its slow
+      generic one and its fast u8 kernel sums pairs of products in saturating int16; with the
+      weight (offset to 0..15, or 0..255 against 4-bit activation halves) as the unsigned operand
+      no pair sum can saturate (see _u8_weight_mm). 2.5x fp32 at W4A8, 1.3x at W8A8 (64x2048x2048).
+    - "fp32": where oneDNN's quantized linear is missing or failed the self-test, and for the small
+      or very deep layers u8_weight leaves to it: an fp32 GEMM of the integer values, exact while
+      every partial sum stays below 2^24 (see _fp32_int_mm), at fp32 speed."""
     global _cpu_gemm
     if _cpu_gemm is None:
-        _cpu_gemm = "fp32" if _x86_without_vnni() else "int_mm"
+        if not _x86_without_vnni():
+            _cpu_gemm = "int_mm"
+        else:
+            _cpu_gemm = "u8_weight" if _has_onednn_qlinear() else "fp32"
     return _cpu_gemm
+
+
+@contextlib.contextmanager
+def cpu_gemm_override(gemm: str) -> Iterator[None]:
+    """Run the cpu backend on another of its GEMMs for a while (benchmarks putting two side by side
+    in one run); unlike set_cpu_gemm it keeps the self-test's verdict for the detected one."""
+    global _cpu_gemm
+    if gemm not in CPU_GEMMS:
+        raise KernelUnavailable(f"unknown cpu GEMM {gemm!r}; choose one of {CPU_GEMMS}")
+    saved = cpu_gemm()
+    _cpu_gemm = gemm
+    try:
+        yield
+    finally:
+        _cpu_gemm = saved
+
+
+def _has_onednn_qlinear() -> bool:
+    return (hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack")
+            and torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
 
 
 def set_cpu_gemm(gemm: str | None) -> None:
@@ -151,9 +188,13 @@ def _x86_without_vnni() -> bool:
 def _cpu_int_mm(qx: torch.Tensor, w: torch.Tensor, w_max: int = 128) -> torch.Tensor:
     """int8 [M, K] x int8 [N, K]^T -> int32 [M, N], exactly, through the GEMM cpu_gemm() chose.
     `w_max` bounds |w| (8 for int4 values): it sets how long the fp32 GEMM's K-chunks may be."""
-    if cpu_gemm() == "fp32":
-        return _fp32_int_mm(qx.to(torch.float32), w, w_max)
-    return _int_mm(qx, w)
+    gemm = cpu_gemm()
+    if gemm == "int_mm":
+        return _int_mm(qx, w)
+    m, k = qx.shape
+    if gemm == "u8_weight" and k <= U8_WEIGHT_MAX_K and _u8_weight_worth(m, w.shape[0], k, False):
+        return _u8_weight_mm(qx, w)
+    return _fp32_int_mm(qx.to(torch.float32), w, w_max)
 
 
 def _int_mm(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -163,6 +204,81 @@ def _int_mm(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if qx.shape[1] == 1:
         qx, w = F.pad(qx, (0, 1)), F.pad(w, (0, 1))
     return torch._int_mm(qx, w.t())
+
+
+def _u8_weight_worth(m: int, n: int, k: int, int4: bool) -> bool:
+    """Whether the u8_weight GEMM beats the fp32 one for this shape (both are exact: speed only, from
+    the shape alone, so every process decides alike). Measured on a 2-core AVX2-only EPYC
+    (docs/quantizer.md, "Integer GEMM"): each call pays about 0.4 ms to pack the activations and
+    set oneDNN up, so small weights stay on fp32; W4 wins from 1024 x 1024 (M >= 8) or 2048 x 2048
+    (M = 1) at 1.3-4.6x; W8 needs two activation halves, i.e. twice the int8 work, and wins from
+    2048 x 2048 at 8 <= M <= 128 (1.2-2.7x) or K > 2048 (1.5-2x), and ties fp32 at larger M."""
+    if int4:
+        return n * k >= 1 << 20 and (m >= 8 or n * k >= 1 << 22)
+    return n * k >= 1 << 22 and m >= 8 and (m <= 128 or k > 2048)
+
+
+def _u8_weight_mm(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] x int8 [N, K]^T -> int32 [M, N], exactly, on oneDNN's u8 x s8 kernel without VNNI.
+
+    That kernel multiplies unsigned by signed bytes and adds each pair of products in saturating
+    int16 (AVX2 vpmaddubsw), so an exact call needs 2 * max|a| * max|b| <= 32767. With the weight
+    offset to unsigned, u = w + 128 in 0..255, the activations must be cut into 4-bit halves,
+    x = 16 * hi + lo with hi = x >> 4 in -8..7 and lo = x & 15 in 0..15: every pair sum is at most
+    2 * 255 * 15. oneDNN takes u's zero point 128 in int32 and returns w . hi and w . lo in fp32,
+    exact while below 2^24: always for w . hi (128 * 8 * K), for w . lo while K <= 8738. Longer K
+    shifts lo to lo - 8 in -8..7 and adds 8 * sum_k w from a row of ones. One GEMM computes every
+    half (B = 2M (+ 1) rows, the operand oneDNN packs: small); the weight is offset a tile at a time."""
+    m, k = qx.shape
+    shifted = 128 * 15 * k >= FP32_EXACT  # oneDNN pads B's rows to its block: no ones row unless needed
+    b = torch.empty(2 * m + int(shifted), k, dtype=torch.int8)
+    torch.bitwise_right_shift(qx, 4, out=b[:m])
+    low = torch.bitwise_and(qx, 15, out=b[m:2 * m])
+    if shifted:
+        low.sub_(8)
+        b[2 * m].fill_(1)
+    y = _u8_weight_gemm(b, w.shape[0], lambda start, stop, out: torch.bitwise_xor(
+        w[start:stop].view(torch.uint8), 128, out=out), k, zero_point=128)
+    yi = y.t().to(torch.int32, memory_format=torch.contiguous_format)  # [B, N], one pass
+    acc = yi[:m].mul_(16).add_(yi[m:2 * m])  # contiguous [M, N] rows
+    return acc.add_(yi[2 * m], alpha=8) if shifted else acc
+
+
+def _u8_weight_int4_mm(qx: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """qx int8 [M, K] x packed int4 [N, K/2]^T (even K) -> int32 [M, N], exactly: the weight offset
+    to u = w + 8 in 0..15 (each packed byte XOR 0x88 offsets both nibbles), the activations whole;
+    pair sums reach 2 * 15 * 128, results 8 * 128 * K (see _u8_weight_mm)."""
+    n, half = packed.shape
+
+    def offset_tile(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        r = stop - start
+        tmp = _scratch(r * half, "u8_tmp")[: r * half].view(torch.uint8).view(r, half)
+        both = torch.bitwise_xor(packed[start:stop], 0x88, out=tmp)
+        halves = out.view(r, 2, half)  # the split-halves layout: low nibbles are columns [0, H)
+        torch.bitwise_and(both, 15, out=halves[:, 0])
+        torch.bitwise_right_shift(both, 4, out=halves[:, 1])
+        return out
+
+    y = _u8_weight_gemm(qx, n, offset_tile, 2 * half, zero_point=8)
+    return y.t().to(torch.int32, memory_format=torch.contiguous_format)
+
+
+def _u8_weight_gemm(b: torch.Tensor, n: int, offset_tile: Callable[[int, int, torch.Tensor], torch.Tensor],
+                    k: int, zero_point: int) -> torch.Tensor:
+    """fp32 [N, B] = (u - zero_point) @ b^T, u [N, K] uint8 written a tile of rows at a time by
+    offset_tile(start, stop, out) into the per-thread scratch."""
+    rows_b = b.shape[0]
+    handle = torch.ops.onednn.qlinear_prepack(b, None)
+    ones, zeros = torch.ones(rows_b), torch.zeros(rows_b, dtype=torch.int64)
+    rows = max(1, min(n, CPU_SCRATCH_BYTES // k))
+    scratch = _scratch(rows * k).view(torch.uint8)
+    tiles = []
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        u = offset_tile(start, stop, scratch[: (stop - start) * k].view(stop - start, k))
+        tiles.append(torch.ops.onednn.qlinear_pointwise(u, 1.0, zero_point, handle, ones, zeros, None, 1.0, 0,
+                                                        torch.float32, "none", [], ""))
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
 
 
 def fp32_chunk(w_max: int, x_max: int = 128) -> int:
@@ -261,8 +377,11 @@ def cpu_int4_mm(qx: torch.Tensor, packed: torch.Tensor, tile_bytes: int | None =
     64x16384x2048); the "fp32" GEMM takes row tiles for every shape."""
     m, n, half = qx.shape[0], packed.shape[0], packed.shape[1]
     budget = tile_bytes or CPU_SCRATCH_BYTES
-    fp32 = cpu_gemm() == "fp32"
+    gemm = cpu_gemm()
     k = qx.shape[1]
+    if gemm == "u8_weight" and k == 2 * half and k <= U8_WEIGHT_MAX_K and _u8_weight_worth(m, n, k, True):
+        return _u8_weight_int4_mm(qx, packed)
+    fp32 = gemm != "int_mm"
     if k == 2 * half and n * k <= budget and (not fp32 or k <= fp32_chunk(8)):
         # The whole weight fits one tile (every small layer): unpack the two halves of each row
         # side by side into the scratch, which is then the [N, K] weight, and run a single GEMM on
@@ -316,18 +435,18 @@ def _fp32_int4_tile(x_lo: torch.Tensor, x_hi: torch.Tensor, lo: torch.Tensor, hi
     return _fp32_int_mm(x_lo, lo, 8) + _fp32_int_mm(x_hi, hi, 8)
 
 
-def _scratch(nbytes: int) -> torch.Tensor:
-    buf = getattr(_state, "scratch", None)
+def _scratch(nbytes: int, name: str = "scratch") -> torch.Tensor:
+    buf = getattr(_state, name, None)
     if buf is None or buf.numel() < nbytes:
         buf = torch.empty(nbytes, dtype=torch.int8)
-        _state.scratch = buf
+        setattr(_state, name, buf)
     return buf
 
 
 def scratch_nbytes() -> int:
-    """Bytes of the calling thread's W4 unpack scratch (shared by all layers; 0 before first use)."""
-    buf = getattr(_state, "scratch", None)
-    return 0 if buf is None else buf.numel()
+    """Bytes of the calling thread's weight scratch buffers (the W4 unpack tile, the u8_weight
+    GEMM's offset tile and its nibble temporary; shared by all layers; 0 before first use)."""
+    return sum(0 if (buf := getattr(_state, name, None)) is None else buf.numel() for name in ("scratch", "u8_tmp"))
 
 
 def _cuda_int_mm(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -348,10 +467,17 @@ def _cuda_int_mm(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_kernel_ok() -> bool:
-    """One-time self-test of torch._int_mm on this CPU: random, large-sum and all-max operands."""
-    global _cpu_ok
+    """One-time self-test of the cpu backend's GEMM on this CPU: random, large-sum and all-max
+    operands. A u8_weight GEMM that fails it hands over to the fp32 GEMM (tested in turn); a GEMM
+    that still fails leaves the int64 reference."""
+    global _cpu_ok, _cpu_gemm
     if _cpu_ok is None:
         _cpu_ok = _self_test()
+        if not _cpu_ok and cpu_gemm() == "u8_weight":
+            _cpu_gemm = "fp32"
+            _cpu_ok = _self_test()
+            warnings.warn("oneDNN's u8 x s8 GEMM gave inexact results on this CPU; the cpu backend uses its "
+                          f"fp32 GEMM instead{'' if _cpu_ok else ', which failed too'}", RuntimeWarning, stacklevel=3)
         if not _cpu_ok:
             warnings.warn(
                 f"the cpu backend's {cpu_gemm()} GEMM gave inexact int8 results on this CPU; using the "
@@ -380,16 +506,34 @@ def _self_test_probes() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
+def _u8_weight_edge_probes() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The u8_weight GEMM's own edges, W4 values: K = 16384 with all-min operands (results reach
+    2^24 exactly), and K = 16383 with odd results whose unsigned sums (15 * 127 * K) are past 2^24,
+    so a kernel that converted to fp32 before taking the zero point in int32 rounds them."""
+    lo = torch.full((3, 16384), -128, dtype=torch.int8), torch.full((4, 16384), -8, dtype=torch.int8)
+    odd = torch.full((3, 16382), 127, dtype=torch.int8), torch.full((4, 16382), 7, dtype=torch.int8)
+    odd[0][:, 0] = 126  # 7 * (127 * 16381 + 126): odd
+    neg = -odd[0], odd[1].clone()
+    return [lo, odd, neg]
+
+
 def _self_test() -> bool:
     """The GEMM primitive on this CPU, not the code around it (an unpacking bug must fail the checks,
     not be hidden by the fallback). On the fp32 route also int4-range weights at K = 16384, where
-    its chunk for int4 sums to exactly 2^24, the edge of its exactness bound."""
-    if cpu_gemm() == "int_mm" and not hasattr(torch, "_int_mm"):
+    its chunk for int4 sums to exactly 2^24, the edge of its exactness bound; on u8_weight the
+    probes run its GEMM whatever their size, packed int4 included, and its own edges."""
+    gemm = cpu_gemm()
+    if gemm == "int_mm" and not hasattr(torch, "_int_mm"):
         return False
     try:
+        if gemm == "u8_weight":
+            ok = all(torch.equal(_u8_weight_mm(a, b), _reference(a, b)) for a, b in _self_test_probes())
+            int4 = [(a, b.clamp(-8, 7)) for a, b in _self_test_probes() if a.shape[1] % 2 == 0]
+            return ok and all(torch.equal(_u8_weight_int4_mm(a, pack_int4(b)), _reference(a, b))
+                              for a, b in int4 + _u8_weight_edge_probes())
         if not all(torch.equal(_cpu_int_mm(a, b), _reference(a, b)) for a, b in _self_test_probes()):
             return False
-        if cpu_gemm() == "fp32":
+        if gemm == "fp32":
             a, b = torch.full((3, 16384), -128, dtype=torch.int8), torch.full((4, 16384), -8, dtype=torch.int8)
             return torch.equal(_fp32_int_mm(a.to(torch.float32), b, 8), _reference(a, b))
         return True
@@ -426,7 +570,7 @@ def _onednn_self_test() -> str:
         for a, b in _self_test_probes():
             if not torch.equal(_onednn_int_mm(a, b, onednn_prepack(b)), _reference(a, b)):
                 return ("oneDNN gave inexact int8 results on this CPU" + (
-                    " (without VNNI its u8 x s8 kernel saturates int16 pair sums)" if cpu_gemm() == "fp32" else ""))
+                    " (without VNNI its u8 x s8 kernel saturates int16 pair sums)" if cpu_gemm() != "int_mm" else ""))
     except RuntimeError as err:
         return f"oneDNN failed: {str(err).splitlines()[0]}"
     return ""

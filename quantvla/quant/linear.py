@@ -222,7 +222,8 @@ class QuantLinear(nn.Module):
         bytes), and the DuQuant rotations' reflection plans (two vectors of n_blocks per reflection
         step, built on the first call). Nothing else is cached: no unpacked weight or
         rotation matrix; W4 weights are unpacked tile by tile into a per-thread scratch shared by
-        all layers (kernels.scratch_nbytes(), at most kernels.CPU_SCRATCH_BYTES)."""
+        all layers (kernels.scratch_nbytes(), at most 1.5 x kernels.CPU_SCRATCH_BYTES: the u8_weight GEMM
+        adds a half-size nibble temporary)."""
         storage = self.nbytes["total"]
         resident = sum(t.numel() * t.element_size() for t in list(self.buffers()) + list(self.parameters()))
         if self.transform is not None:
