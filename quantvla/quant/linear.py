@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from quantvla.errors import QuantInputError
-from quantvla.quant import grids, kernels
+from quantvla.quant import fused, grids, kernels
 from quantvla.quant.config import LinearQuantConfig
 from quantvla.quant.duquant import DuQuantTransform
 from quantvla.quant.packing import pack_int4, unpack_int4
@@ -160,8 +160,11 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.to(torch.float32)
-        _, qa = self.quantize_input(x2)
         backend = backend or self.config.backend
+        y = fused.run(self, x2, backend) if fused._forward == "fused" else None
+        if y is not None:  # the same bits in one C++ call (fused.py); None: this layer runs eagerly
+            return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*lead, self.out_features)
+        _, qa = self.quantize_input(x2)
         acc = kernels.int_linear(qa.q, self.qweight, self.in_features, self.config.weight.bits, backend,
                                  self._prepacked_weight() if backend == "onednn" else None)
         if qa.zero is not None:  # acc -= z_x (outer) w_sum, exact in int32 (asymmetric grids keep w_sum)
@@ -192,10 +195,13 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:  # .to(), .cuda(): the cache follows qweight lazily
         self._prepacked = None
+        self.__dict__.pop("_fused_args", None)
         return cast(QuantLinear, super()._apply(fn, recurse))  # type: ignore[no-untyped-call]
 
     def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the opaque oneDNN tensor is a cache, not state
-        return {**self.__dict__, "_prepacked": None}
+        state = {**self.__dict__, "_prepacked": None}
+        state.pop("_fused_args", None)  # the fused forward's argument cache (fused.py), rebuilt on use
+        return state
 
     # ---------------------------------------------------------------------- inspection
     def int_weight(self) -> torch.Tensor:
