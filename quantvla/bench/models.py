@@ -55,6 +55,12 @@ class ModelRow:
     fp_model_mib: float | None = None  # bytes of every FP parameter and buffer, in the model's dtype
     quantize_peak_rss_mib: float | None = None  # CPU, Linux: the process's peak RSS while quantize() ran
     quantize_peak_cuda_mib: float | None = None  # CUDA: peak allocated memory while quantize() ran
+    # CPU: the same quantized model on the fused forward (quant/fused.py), in the same rounds; None
+    # where the extension is unavailable (fused_unavailable says why)
+    q_fused_chunk_ms: float | None = None
+    fused_speedup: float | None = None
+    fused_identical: bool | None = None  # the fused chunk equals the eager one, bit for bit
+    fused_unavailable: str | None = None
 
 
 class PeakRSS:
@@ -173,15 +179,29 @@ def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", r
             torch.cuda.reset_peak_memory_stats()
             chunk(m)
             peaks[key] = round(torch.cuda.max_memory_allocated() / MIB, 1)
-    times = {"fp": [], "q": []}
-    for m in (model, q):  # warm-up: first-call allocations and kernel selection
-        chunk(m)
-    for _ in range(rounds):
-        for key, m in (("fp", model), ("q", q)):
-            t0 = time.perf_counter()
+    from quantvla.quant import fused
+
+    fused_why = None if device == "cpu" and fused.available() else (
+        fused.unavailable_reason() or f"the fused forward runs on the CPU only, not {device}")
+    runs = [("fp", model, "eager"), ("q", q, "eager")] + ([] if fused_why else [("q_fused", q, "fused")])
+    times: dict[str, list[float]] = {key: [] for key, _, _ in runs}
+    identical = None
+    if not fused_why:  # warm-up too: first-call allocations and kernel selection
+        with torch.no_grad():
+            eager_chunk = q.sample_actions(x, noise)
+            with fused.forward_override("fused"):
+                identical = bool(torch.equal(eager_chunk, q.sample_actions(x, noise)))
+    for _, m, forward in runs:
+        with fused.forward_override(forward):
             chunk(m)
-            times[key].append(time.perf_counter() - t0)
+    for _ in range(rounds):
+        for key, m, forward in runs:
+            with fused.forward_override(forward):
+                t0 = time.perf_counter()
+                chunk(m)
+                times[key].append(time.perf_counter() - t0)
     fp_ms, q_ms = (statistics.median(times[k]) * 1e3 for k in ("fp", "q"))
+    fused_ms = statistics.median(times["q_fused"]) * 1e3 if "q_fused" in times else None
     mem = component_memory(model, q)  # after the runs: the caches built on first use count as resident
     c = model.config
     row = ModelRow(family, size, device, str(fp_dtype).removeprefix("torch."), quantizer,
@@ -189,14 +209,18 @@ def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", r
                    len(buffer), round(fp_ms, 3), round(q_ms, 3), round(fp_ms / q_ms, 2), round(quantize_s, 2),
                    round(mem.fp16_bytes / MIB, 3), round(mem.storage_bytes / MIB, 3),
                    round(mem.resident_bytes / MIB, 3), round(mem.saving, 4), ops, peaks.get("fp"), peaks.get("q"),
-                   round(fp_bytes / MIB, 1), quantize_rss, quantize_cuda)
+                   round(fp_bytes / MIB, 1), quantize_rss, quantize_cuda,
+                   None if fused_ms is None else round(fused_ms, 3),
+                   None if fused_ms is None else round(fp_ms / fused_ms, 2), identical, fused_why)
     log(f"  {family} {size} ({row.params_M} M params, {row.fp_dtype} on {device}): chunk FP {fp_ms:.1f} ms, "
         f"{quantizer} {q_ms:.1f} ms ({row.speedup}x); quantize {quantize_s:.1f} s on {len(buffer)} entries"
         + (f", peak RSS {_size(rss.peak_bytes)} = {rss.peak_bytes / fp_bytes:.2f}x the FP model's {_size(fp_bytes)}"
            if rss.peak_bytes else "") + "; "
         f"components FP16 {_size(mem.fp16_bytes)} -> {_size(mem.storage_bytes)} stored, "
         f"{_size(mem.resident_bytes)} resident ({mem.saving:.1%} saved); {ops} ops per quantized linear call"
-        + (f"; peak CUDA memory FP {peaks['fp']} MiB, quantized {peaks['q']} MiB" if peaks else ""))
+        + (f"; peak CUDA memory FP {peaks['fp']} MiB, quantized {peaks['q']} MiB" if peaks else "")
+        + (f"; fused forward {fused_ms:.1f} ms ({row.fused_speedup}x FP), bit-identical to eager: {identical}"
+           if fused_ms is not None else f"; fused forward unavailable ({fused_why})"))
     return row
 
 
@@ -221,7 +245,8 @@ def plot(rows: list[ModelRow], path: str | Path) -> bool:
     labels = [f"{r.model} {r.size}" for r in rows]
     return grouped_bars(path, labels, [
         ("action chunk (ms)", {"FP " + (rows[0].fp_dtype if rows else ""): [r.fp_chunk_ms for r in rows],
-                               "quantized": [r.q_chunk_ms for r in rows]}),
+                               "quantized": [r.q_chunk_ms for r in rows],
+                               "quantized, fused forward": [r.q_fused_chunk_ms or 0.0 for r in rows]}),
         ("quantized components (MiB)", {"FP16": [r.fp16_mib for r in rows], "stored": [r.storage_mib for r in rows],
                                         "resident": [r.resident_mib for r in rows]}),
     ], title=f"{rows[0].quantizer if rows else ''}: FP vs quantized, one run")

@@ -92,6 +92,13 @@ def unavailable_reason() -> str:
     return _why_not or ""
 
 
+def build_error() -> str:
+    """Why the extension did not build here ('' if it did): a machine without a C++ toolchain, where
+    the eager forward is the only one. A self-test failure is not a build error (tests fail on it)."""
+    reason = unavailable_reason()
+    return "" if reason.startswith("self-test:") else reason
+
+
 def _fallback_warning() -> None:
     global _warned
     if not _warned:
@@ -244,5 +251,5 @@ def _self_test() -> str:
         if not torch.equal(fused.view(torch.int32), eager.view(torch.int32)):
             diff = (fused - eager).abs().max().item()
             what = layer.extra_repr().split(", bytes")[0]
-            return f"self-test: {what} differs from the eager forward (max {diff:.3g})"
+            return f"self-test: {what} differs from the eager forward (max {diff:.3g}); please report it"
     return ""
