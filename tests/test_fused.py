@@ -120,7 +120,8 @@ def test_unavailable_extension_warns_once_and_runs_eager(monkeypatch):
             assert torch.equal(layer(x), eager)
             assert torch.equal(layer(x), eager)
     assert [str(w.message) for w in seen if w.category is RuntimeWarning] == [
-        "fused QuantLinear forward unavailable (no compiler here); running the eager forward, which gives the same bits"]
+        "fused QuantLinear forward unavailable (no compiler here); running the eager forward, "
+        "which gives the same bits"]
 
 
 def test_unknown_forward_is_one_clear_error():
