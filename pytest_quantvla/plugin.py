@@ -43,6 +43,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
     run = config.stash[options.RUN_KEY] = options.parse(config)
     if run.model is not None:  # parse resolved the quantizer: an unknown one is already a usage error
+        from quantvla.quant import fused
+
+        fused.set_forward(run.forward)  # in every process that runs checks (each xdist worker configures too)
         if selects_libero(config.option.markexpr or "") and not hasattr(config, "workerinput"):
             from pytest_quantvla.checks.libero import check_suites
             check_suites(run)  # here, on the controller: a usage error on an xdist worker is swallowed

@@ -143,3 +143,43 @@ def test_trained_policy_chunks_identical(family):
             with fused.forward_override("fused"):
                 fast = q.sample_actions(inputs, noise)
         assert torch.equal(fast, eager), (preset, float((fast - eager).abs().max()))
+
+
+pytest_plugins = ["pytester"]
+
+
+def test_options_list_the_library_forwards():
+    from pytest_quantvla import options
+
+    assert options.FORWARDS == fused.FORWARDS  # written twice so that loading the plugin does not import torch
+
+
+def test_a_fused_kernel_off_by_one_ulp_fails_fused_exact(pytester):
+    """Known-bad: a fused kernel that passed its self-test but is one ulp off on the model's layers."""
+    pytester.makeconftest(
+        "import torch\n"
+        "from quantvla.quant import fused\n"
+        "assert fused.available()\n"
+        "class OneUlpUp:\n"
+        "    def __init__(self, inner):\n"
+        "        self.inner = inner\n"
+        "    def forward(self, *args):\n"
+        "        y, ok = self.inner.forward(*args)\n"
+        "        return (y.nextafter(torch.full_like(y, float('inf'))) if ok else y), ok\n"
+        "fused._module = OneUlpUp(fused._module)\n"
+    )
+    result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-forward=fused", "-q",
+                                           "-k", "fused_exact")
+    assert result.parseoutcomes() == {"failed": 1, "deselected": 29}, result.stdout.str()[-2000:]
+    result.stdout.fnmatch_lines(["*fused_exact: held-out entry 0: the fused forward's action chunk differs*"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["pi05", "gr00t-n15"])
+def test_main_job_on_the_fused_forward_passes_every_check(pytester, model):
+    """The whole main job measured on the fused forward: every check passes against the goldens the
+    eager forward recorded (the same bits), and fused_exact reports every quantized-layer call fused."""
+    result = pytester.runpytest_subprocess(f"--quantvla-model={model}", "--quantvla-forward=fused", "-q")
+    outcomes = result.parseoutcomes()
+    assert result.ret == 0 and "failed" not in outcomes, result.stdout.str()[-3000:]
+    result.stdout.fnmatch_lines(["fused_exact * chunks identical; * quantized-layer calls fused*"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pytest_quantvla.checks import calibration, drift, golden, kernels, layers, libero, memory, transform
+from pytest_quantvla.checks import calibration, drift, forward, golden, kernels, layers, libero, memory, transform
 from pytest_quantvla.collect import Check, CheckFailed
 from pytest_quantvla.options import RunConfig
 
@@ -26,6 +26,7 @@ def all_checks(run: RunConfig, with_libero: bool = False) -> Iterator[Check]:
 
         yield Check(f"{run.prefix}/quantize", failed, kind="quantize")
         return
+    yield from forward.checks(run)
     yield from memory.checks(run)
     yield from golden.checks(run)
     yield from drift.checks(run)

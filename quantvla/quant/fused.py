@@ -45,6 +45,7 @@ _forward = "eager"
 _module: ModuleType | None = None
 _why_not: str | None = None  # "" once built and self-tested
 _warned = False
+_calls = 0  # QuantLinear calls the fused forward ran in this process (fused_calls())
 
 
 def set_forward(mode: str) -> None:
@@ -161,7 +162,14 @@ def run(layer: QuantLinear, x2: torch.Tensor, backend: str) -> torch.Tensor | No
     y, ok = _module.forward(x2.contiguous(), *head, fp32_gemm, scratch, *tail)
     if not ok:
         raise QuantInputError(f"layer {layer.name_for_errors}: input contains NaN or Inf")
+    global _calls
+    _calls += 1
     return cast(torch.Tensor, y)
+
+
+def fused_calls() -> int:
+    """How many QuantLinear calls the fused forward has run in this process (the rest ran eagerly)."""
+    return _calls
 
 
 def _state_key(layer: QuantLinear) -> tuple[Any, ...]:
