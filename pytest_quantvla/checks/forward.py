@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -44,7 +45,8 @@ def _fused_exact(run: RunConfig) -> FusedResult:
     if not fused.available():
         raise CheckFailed(f"the fused forward was refused ({fused.unavailable_reason()}); this run used the eager one")
     s = subject(run)
-    layers = [m for m in s.quantized.modules() if isinstance(m, QuantLinear)]
+    model: Any = s.quantized  # a policy module: sample_actions(inputs, noise)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     n = min(CHUNKS, len(s.held_out))
     calls = [0]
     hooks = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for m in layers]
@@ -54,9 +56,9 @@ def _fused_exact(run: RunConfig) -> FusedResult:
             x, noise = s.held_out.inputs[i], s.held_out.noise[i]
             with torch.no_grad():
                 with fused.forward_override("eager"):
-                    eager = s.quantized.sample_actions(x, noise)
+                    eager = model.sample_actions(x, noise)
                 with fused.forward_override("fused"):
-                    fast = s.quantized.sample_actions(x, noise)
+                    fast = model.sample_actions(x, noise)
             if not torch.equal(fast, eager):
                 raise CheckFailed(f"held-out entry {i}: the fused forward's action chunk differs from the eager one "
                                   f"(max {float((fast - eager).abs().max()):.3g}); run with --quantvla-forward=eager")
