@@ -93,6 +93,9 @@ def _bench_libero(args) -> int:
 
 def _libero(args) -> int:
     from quantvla.eval import paired
+    from quantvla.quant import fused
+
+    fused.set_forward(args.forward)
 
     suites = [paired.SUITE_NAMES.get(x.strip(), x.strip()) for x in args.suites.split(",") if x.strip()]
     quantizers = [x.strip() for x in args.quantizer.split(",") if x.strip()]
@@ -296,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     lib.add_argument("--max-steps", type=int, help="cap episode length (smoke runs)")
     lib.add_argument("--blank-images", action="store_true",
                      help="ablation: every camera image reads as black (does a policy that sees use its eyes?)")
+    lib.add_argument("--forward", choices=["eager", "fused"], default="eager",
+                     help="QuantLinear's CPU forward: eager (the reference) or fused (one C++ call per layer, "
+                          "bit-identical, compiled on first use; quantvla/quant/fused.py)")
     lib.add_argument("--json", default="libero-report.json")
     lib.add_argument("--allow-inconclusive", action="store_true",
                      help="exit 0 when a gate is inconclusive (underpowered, simulator errors); a failing one still "

@@ -157,16 +157,18 @@ def test_options_list_the_library_forwards():
 def test_a_fused_kernel_off_by_one_ulp_fails_fused_exact(pytester):
     """Known-bad: a fused kernel that passed its self-test but is one ulp off on the model's layers."""
     pytester.makeconftest(
+        "import types\n"
         "import torch\n"
         "from quantvla.quant import fused\n"
         "assert fused.available()\n"
         "class OneUlpUp:\n"
-        "    def __init__(self, inner):\n"
-        "        self.inner = inner\n"
+        "    def __init__(self, *args):\n"
+        "        self.inner = Layer(*args)\n"
         "    def forward(self, *args):\n"
         "        y, ok = self.inner.forward(*args)\n"
         "        return (y.nextafter(torch.full_like(y, float('inf'))) if ok else y), ok\n"
-        "fused._module = OneUlpUp(fused._module)\n"
+        "Layer = fused._module.Layer\n"
+        "fused._module = types.SimpleNamespace(Layer=OneUlpUp)\n"
     )
     result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-forward=fused", "-q",
                                            "-k", "fused_exact")

@@ -152,14 +152,11 @@ def run(layer: QuantLinear, x2: torch.Tensor, backend: str) -> torch.Tensor | No
     fp32_gemm = _gemm_mode(layer, x2.shape[0])
     if fp32_gemm is None:
         return None
-    args = _layer_args(layer)
-    if args is None:
+    native = _native_layer(layer)
+    if native is None:
         return None
-    assert _module is not None
-    head, tail = args
-    n, k = layer.out_features, layer.in_features
-    scratch = kernels._scratch(n * k) if layer.config.weight.bits <= 4 else _EMPTY
-    y, ok = _module.forward(x2.contiguous(), *head, fp32_gemm, scratch, *tail)
+    scratch = kernels._scratch(layer.out_features * layer.in_features) if layer.config.weight.bits <= 4 else _EMPTY
+    y, ok = native.forward(x2 if x2.is_contiguous() else x2.contiguous(), fp32_gemm, scratch)
     if not ok:
         raise QuantInputError(f"layer {layer.name_for_errors}: input contains NaN or Inf")
     global _calls
@@ -172,27 +169,30 @@ def fused_calls() -> int:
     return _calls
 
 
-def _state_key(layer: QuantLinear) -> tuple[Any, ...]:
-    """Identity and version of every tensor the C++ arguments hold or were derived from: a buffer
-    replaced (load, .to()) or edited in place (a rotation's index) makes _layer_args rebuild them."""
-    mods = [layer] if layer.transform is None else [layer, *layer.transform.modules()]
-    return tuple((id(t), t._version) for mod in mods for t in mod._buffers.values() if t is not None)
+def _state_key(buffer_dicts: list[dict[str, torch.Tensor | None]]) -> tuple[tuple[int, int], ...]:
+    """Identity and version of every buffer of the layer and its transform: a buffer replaced (load,
+    .to()) or edited in place (a rotation's index) makes _native_layer rebuild the C++ arguments."""
+    return tuple((id(t), t._version) for d in buffer_dicts for t in d.values() if t is not None)
 
 
-def _layer_args(layer: QuantLinear) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
-    """The C++ call's arguments other than x, the GEMM choice and the scratch, cached on the layer
-    (they reference the layer's own buffers and the rotations' cached plans: no tensor is copied,
-    except smoothing or permutation vectors stored in another dtype, which the key then covers)."""
-    key = _state_key(layer)
+def _native_layer(layer: QuantLinear) -> Any:
+    """The layer's C++ argument object (csrc Layer), built once and cached on the layer: it references
+    the layer's own buffers and the rotations' cached plans, so no tensor is copied (smoothing or
+    permutation vectors stored in another dtype than the call's would be, and the key covers them).
+    None: a layer the fused forward does not cover."""
     cached = layer.__dict__.get("_fused_args")
-    if cached is not None and cached[0] == key:
-        return cast(tuple[tuple[Any, ...], tuple[Any, ...]] | None, cached[1])
+    if cached is not None and cached[1] == _state_key(cached[0]):
+        return cached[2]
+    mods = [layer] if layer.transform is None else [layer, *layer.transform.modules()]
+    dicts = [m._buffers for m in mods]
     args = _build_args(layer)
-    layer.__dict__["_fused_args"] = (key, args)
-    return args
+    assert _module is not None
+    native = None if args is None else _module.Layer(*args)
+    layer.__dict__["_fused_args"] = (dicts, _state_key(dicts), native)
+    return native
 
 
-def _build_args(layer: QuantLinear) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+def _build_args(layer: QuantLinear) -> tuple[Any, ...] | None:
     t = layer.transform
     smooth = perm = None
     empty: tuple[list[int], list[float], list[torch.Tensor]] = ([], [], [])
@@ -208,9 +208,9 @@ def _build_args(layer: QuantLinear) -> tuple[tuple[Any, ...], tuple[Any, ...]] |
         smooth = None if t.smooth is None else t.smooth.to(torch.float32).contiguous()
         perm = None if t.perm is None else t.perm.to(torch.int32).contiguous()
     act = layer.config.act
-    head = (smooth, *rot1, perm, *rot2, act.bits, act.symmetric, act.granularity == "per_token",
-            layer.act_scale, layer.act_zero, grids.MIN_SCALE, layer.qweight, layer.config.weight.bits <= 4)
-    return head, (layer.w_sum, layer.w_scale, layer.bias)
+    return (smooth, *rot1, perm, *rot2, act.bits, act.symmetric, act.granularity == "per_token",
+            layer.act_scale, layer.act_zero, grids.MIN_SCALE, layer.qweight, layer.config.weight.bits <= 4,
+            layer.w_sum, layer.w_scale, layer.bias)
 
 
 _EMPTY = torch.empty(0, dtype=torch.int8)

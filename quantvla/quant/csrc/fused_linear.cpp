@@ -301,6 +301,38 @@ std::tuple<at::Tensor, bool> forward(
   return {y, true};
 }
 
+// A layer's arguments, converted from Python once (fused.py caches one per QuantLinear); a call then
+// converts only the input, the GEMM choice and the scratch tile.
+struct Layer {
+  c10::optional<at::Tensor> smooth;
+  std::vector<int64_t> rot1_meta;
+  std::vector<double> rot1_u;
+  std::vector<at::Tensor> rot1;
+  c10::optional<at::Tensor> perm;
+  std::vector<int64_t> rot2_meta;
+  std::vector<double> rot2_u;
+  std::vector<at::Tensor> rot2;
+  int64_t act_bits;
+  bool symmetric, per_token;
+  c10::optional<at::Tensor> static_scale, static_zero;
+  double min_scale;
+  at::Tensor qweight;
+  bool packed;
+  c10::optional<at::Tensor> w_sum;
+  at::Tensor w_scale;
+  c10::optional<at::Tensor> bias;
+
+  std::tuple<at::Tensor, bool> call(const at::Tensor& x, bool fp32_gemm, const at::Tensor& scratch) const {
+    return forward(x, smooth, rot1_meta, rot1_u, rot1, perm, rot2_meta, rot2_u, rot2, act_bits, symmetric, per_token,
+                   static_scale, static_zero, min_scale, qweight, packed, fp32_gemm, scratch, w_sum, w_scale, bias);
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "QuantLinear forward on the CPU in one call (see fused_linear.cpp)");
+  pybind11::class_<Layer>(m, "Layer")
+      .def(pybind11::init<c10::optional<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<at::Tensor>,
+                          c10::optional<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<at::Tensor>,
+                          int64_t, bool, bool, c10::optional<at::Tensor>, c10::optional<at::Tensor>, double, at::Tensor,
+                          bool, c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>>())
+      .def("forward", &Layer::call, "QuantLinear forward on the CPU in one call (see the top of this file)");
 }
