@@ -212,6 +212,12 @@ class BlockRotation(nn.Module):
 
 
 # ------------------------------------------------------------------------------ fitting
+def _abs_max(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """max |x| over dim as max(max x, -min x): the same values as x.abs().amax(dim), without an
+    |x| copy of a full-size layer's activations (hundreds of MB per greedy step)."""
+    return torch.maximum(x.amax(dim=dim), x.amin(dim=dim).neg_())
+
+
 def _greedy_indices(x: torch.Tensor, size: int, steps: int) -> torch.Tensor:
     """x: [n, T, size] float64 activations of n blocks -> int16 [n, steps] reflection indices."""
     n = x.shape[0]
@@ -219,20 +225,21 @@ def _greedy_indices(x: torch.Tensor, size: int, steps: int) -> torch.Tensor:
     if size < 2 or steps == 0 or n == 0:
         return idx
     chosen = torch.zeros(n, steps, dtype=torch.int16)
-    best_peak = x.abs().amax(dim=(1, 2))
+    best_peak = _abs_max(x, (1, 2))
     best_len = torch.zeros(n, dtype=torch.long)
     r = torch.eye(size, dtype=x.dtype).expand(n, size, size).clone()
     u = 1.0 / math.sqrt(size)
     coef = 2.0 / (2.0 - 2.0 * u)
     y = x
+    y_buf = torch.empty_like(x) if steps > 0 else x  # every step's x R, in one reused buffer
     for s in range(steps):
-        j = y.abs().amax(dim=1).argmax(dim=1)  # channel holding each block's peak
+        j = _abs_max(y, 1).argmax(dim=1)  # channel holding each block's peak
         chosen[:, s] = j.to(torch.int16)
         v = torch.full((n, size), -u, dtype=x.dtype)
         v[torch.arange(n), j] += 1.0
         r = r - coef * torch.bmm(r, v[:, :, None]) * v[:, None, :]
-        y = torch.bmm(x, r)
-        peak = y.abs().amax(dim=(1, 2))
+        y = torch.bmm(x, r, out=y_buf)
+        peak = _abs_max(y, (1, 2))
         better = peak < best_peak * (1 - 1e-12)
         best_peak = torch.where(better, peak, best_peak)
         best_len = torch.where(better, torch.full_like(best_len, s + 1), best_len)
