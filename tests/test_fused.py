@@ -185,3 +185,22 @@ def test_main_job_on_the_fused_forward_passes_every_check(pytester, model):
     outcomes = result.parseoutcomes()
     assert result.ret == 0 and "failed" not in outcomes, result.stdout.str()[-3000:]
     result.stdout.fnmatch_lines(["fused_exact * chunks identical; * quantized-layer calls fused*"])
+
+
+@pytest.mark.parametrize("gemm", ["int_mm", "u8_weight", "fp32"])
+def test_every_cpu_gemm_gives_the_eager_bits(gemm):
+    """Whichever GEMM the cpu backend takes on this host's instruction set (int_mm with VNNI or off x86,
+    else u8_weight, whose small layers and the fused path's take the exact fp32 GEMM)."""
+    from quantvla.quant import kernels
+
+    g = torch.Generator().manual_seed(3)
+    with kernels.cpu_gemm_override(gemm):
+        for wbits, k, n, m in [(4, 256, 64, 25), (8, 128, 256, 10), (4, 64, 256, 1)]:
+            cfg = LinearQuantConfig(WeightQuantConfig(bits=wbits), ActQuantConfig(), DuQuantConfig(block_size=64))
+            calib = torch.randn(64, k, generator=g) * torch.logspace(-1, 1, k)
+            layer = QuantLinear.from_linear(make_linear(k, n, wbits), cfg, calib=calib, name="probe")
+            x = torch.randn(m, k, generator=g) * 3
+            eager, fast = _eager_and_fused(layer, x)
+            assert torch.equal(fast, eager), (gemm, wbits, k, n, m)
+            with fused.forward_override("fused"):
+                assert fused.run(layer, x, "auto") is not None
