@@ -204,3 +204,32 @@ def test_every_cpu_gemm_gives_the_eager_bits(gemm):
             assert torch.equal(fast, eager), (gemm, wbits, k, n, m)
             with fused.forward_override("fused"):
                 assert fused.run(layer, x, "auto") is not None
+
+
+def test_without_a_compiler_the_eager_forward_runs_with_one_warning(tmp_path):
+    """A machine whose C++ compiler is missing: one warning naming why, the eager bits, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "from quantvla.quant import fused\n"
+        "from quantvla.quant.config import LinearQuantConfig\n"
+        "from quantvla.quant.linear import QuantLinear\n"
+        "torch.manual_seed(0)\n"
+        "layer = QuantLinear.from_linear(torch.nn.Linear(32, 8), LinearQuantConfig())\n"
+        "x = torch.randn(3, 32)\n"
+        "eager = layer(x)\n"
+        "fused.set_forward('fused')\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    same = torch.equal(layer(x), eager) and torch.equal(layer(x), eager)\n"
+        "print(same, len(seen), seen[0].message if seen else '')\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("True 1 fused QuantLinear forward unavailable (the C++ extension did not build ("), \
+        out.stdout
+    assert "it needs a C++ compiler and ninja); running the eager forward, which gives the same bits" in out.stdout

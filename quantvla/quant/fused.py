@@ -82,7 +82,9 @@ def available() -> bool:
             _why_not = ""
             _why_not = _self_test()
         except Exception as e:  # no compiler, no ninja, headers missing: the eager forward runs
-            _why_not = f"the C++ extension did not build ({type(e).__name__}: {str(e).strip().splitlines()[-1:]})"
+            last = (str(e).strip().splitlines() or [""])[-1]
+            _why_not = (f"the C++ extension did not build ({type(e).__name__}: {last}); it needs a C++ compiler "
+                        "and ninja")
         if _why_not:
             _module = None
     return not _why_not
