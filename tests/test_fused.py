@@ -233,3 +233,29 @@ def test_without_a_compiler_the_eager_forward_runs_with_one_warning(tmp_path):
     assert out.stdout.startswith("True 1 fused QuantLinear forward unavailable (the C++ extension did not build ("), \
         out.stdout
     assert "it needs a C++ compiler and ninja); running the eager forward, which gives the same bits" in out.stdout
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_each_instruction_set_build_gives_the_eager_bits(isa, monkeypatch):
+    """The loops are compiled per instruction set and picked at load time (GCC target_clones), so a
+    host runs only one of them: build the baseline (SSE2) and the AVX2 one alone and run the self-test
+    probes, and a trained chunk, through each."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"instruction-set clones are built on x86-64 only, this is {platform.machine()}")
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip(f"this CPU has no AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})")
+    flags = ("-DQV_NO_CLONES",) + (("-mavx2",) if isa == "avx2" else ())
+    monkeypatch.setattr(fused, "_module", fused.build(f"quantvla_fused_linear_{isa}", flags))
+    assert fused._self_test() == ""
+    loaded = families.load_fp("gr00t-n15", "trained", entries=4, seed=0)
+    q = quantize(loaded.model, loaded.calibration, "quantvla-w4a8")
+    inputs, noise = loaded.calibration.inputs[0], loaded.calibration.noise[0]
+    with torch.no_grad():
+        with fused.forward_override("eager"):
+            eager = q.sample_actions(inputs, noise)
+        before = fused.fused_calls()
+        with fused.forward_override("fused"):
+            fast = q.sample_actions(inputs, noise)
+    assert fused.fused_calls() > before and torch.equal(fast, eager)

@@ -75,10 +75,7 @@ def available() -> bool:
     global _module, _why_not
     if _why_not is None:
         try:
-            from torch.utils.cpp_extension import load
-
-            _module = load(name="quantvla_fused_linear", sources=[str(SOURCE)],
-                           extra_cflags=["-O3", "-ffp-contract=off", "-fno-fast-math"], verbose=False)
+            _module = build()
             _why_not = ""
             _why_not = _self_test()
         except Exception as e:  # no compiler, no ninja, headers missing: the eager forward runs
@@ -88,6 +85,15 @@ def available() -> bool:
         if _why_not:
             _module = None
     return not _why_not
+
+
+def build(name: str = "quantvla_fused_linear", extra_cflags: tuple[str, ...] = ()) -> ModuleType:
+    """Compile (or load torch's cached build of) the extension. The tests build variants for one
+    instruction set each (extra_cflags=("-DQV_NO_CLONES", "-mavx2")) under other names."""
+    from torch.utils.cpp_extension import load
+
+    return cast(ModuleType, load(name=name, sources=[str(SOURCE)], verbose=False,
+                                 extra_cflags=["-O3", "-ffp-contract=off", "-fno-fast-math", *extra_cflags]))
 
 
 def unavailable_reason() -> str:

@@ -69,7 +69,9 @@ inline float clamp_f(float v, float lo, float hi) { return std::min(std::max(v, 
 // The element loops below are compiled for several instruction sets and picked at load time (GCC on
 // x86-64), so that the divisions run as vector divides; a vector divide rounds exactly as a scalar
 // one, and no loop reorders a float sum.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// (QV_NO_CLONES: one instruction set, the compiler's target; the tests build the baseline and AVX2
+// that way to check each clone's bits on any x86 host.)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(QV_NO_CLONES)
 #define QV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define QV_CLONES
@@ -329,7 +331,7 @@ struct Layer {
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<Layer>(m, "Layer")
+  pybind11::class_<Layer>(m, "Layer", pybind11::module_local())  // local: test builds load beside it
       .def(pybind11::init<c10::optional<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<at::Tensor>,
                           c10::optional<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<at::Tensor>,
                           int64_t, bool, bool, c10::optional<at::Tensor>, c10::optional<at::Tensor>, double, at::Tensor,
