@@ -98,7 +98,15 @@ def test_fused_forward_keeps_no_tensor_and_follows_in_place_edits():
     eager, fast = _eager_and_fused(layer, x)
     before = layer.footprint()
     eager, fast = _eager_and_fused(layer, x)
-    assert layer.footprint() == before  # the argument cache references the layer's tensors, copies none
+    assert layer.footprint() == before
+    # the C++ arguments reference the layer's buffers and the rotations' (counted) plans, and copy none
+    own = {t.data_ptr() for t in layer.buffers()}
+    own |= {t.data_ptr() for rot in (layer.transform.rot1, layer.transform.rot2)
+            for *_, steps in rot._plan[1] for pair in steps for t in pair}
+    args = fused._build_args(layer)
+    held = [a for a in args if isinstance(a, torch.Tensor)] + [t for a in args if isinstance(a, list) for t in a
+                                                               if isinstance(t, torch.Tensor)]
+    assert held and all(t.data_ptr() in own for t in held)
     assert torch.equal(fast, eager)
     with torch.no_grad():  # edits in place (load_state_dict does these) reach the fused call
         layer.w_scale.mul_(2)
