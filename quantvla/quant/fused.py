@@ -46,6 +46,7 @@ _module: ModuleType | None = None
 _why_not: str | None = None  # "" once built and self-tested
 _warned = False
 _calls = 0  # QuantLinear calls the fused forward ran in this process (fused_calls())
+_EMPTY = torch.empty(0, dtype=torch.int8)  # the scratch argument of int8 weights (they need no unpacking)
 
 
 def set_forward(mode: str) -> None:
@@ -54,10 +55,6 @@ def set_forward(mode: str) -> None:
     if mode not in FORWARDS:
         raise KernelUnavailable(f"unknown forward {mode!r}; choose one of {FORWARDS}")
     _forward = mode
-
-
-def forward_mode() -> str:
-    return _forward
 
 
 @contextlib.contextmanager
@@ -219,9 +216,6 @@ def _build_args(layer: QuantLinear) -> tuple[Any, ...] | None:
     return (smooth, *rot1, perm, *rot2, act.bits, act.symmetric, act.granularity == "per_token",
             layer.act_scale, layer.act_zero, grids.MIN_SCALE, layer.qweight, layer.config.weight.bits <= 4,
             layer.w_sum, layer.w_scale, layer.bias)
-
-
-_EMPTY = torch.empty(0, dtype=torch.int8)
 
 
 # ---------------------------------------------------------------------------------- self-test

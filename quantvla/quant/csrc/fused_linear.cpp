@@ -167,21 +167,52 @@ QV_CLONES void epilogue_row(const int32_t* ar, const int32_t* w_sum, int32_t z, 
 
 // Returns (y [M, N] float32, ok): ok is false where a token's activation scale is not finite (NaN or
 // Inf in the input), or, with a static grid, any transformed activation is; fused.py raises then.
+// A layer's arguments, converted from Python once (fused.py caches one per QuantLinear); a call then
+// converts only the input, the GEMM choice and the scratch tile.
+struct Layer {
+  c10::optional<at::Tensor> smooth;                        // [K] float32
+  std::vector<int64_t> rot1_meta;                          // see reflect()
+  std::vector<double> rot1_u;
+  std::vector<at::Tensor> rot1;
+  c10::optional<at::Tensor> perm;                          // [K] int32
+  std::vector<int64_t> rot2_meta;
+  std::vector<double> rot2_u;
+  std::vector<at::Tensor> rot2;
+  int64_t act_bits;
+  bool symmetric, per_token;
+  c10::optional<at::Tensor> static_scale, static_zero;     // per-tensor grids: float32 [1], int32 [1]
+  double min_scale;
+  at::Tensor qweight;                                      // packed int4 uint8 [N, K/2] or int8 [N, K]
+  bool packed;
+  c10::optional<at::Tensor> w_sum;                         // int32 [N]
+  at::Tensor w_scale;                                      // float32 [N]
+  c10::optional<at::Tensor> bias;                          // float32 [N]
+};
+
 std::tuple<at::Tensor, bool> forward(
+    const Layer& layer,
     const at::Tensor& x_in,                     // [M, K] float32, contiguous
-    const c10::optional<at::Tensor>& smooth,    // [K] float32
-    const std::vector<int64_t>& rot1_meta, const std::vector<double>& rot1_u, const std::vector<at::Tensor>& rot1,
-    const c10::optional<at::Tensor>& perm,      // [K] int32
-    const std::vector<int64_t>& rot2_meta, const std::vector<double>& rot2_u, const std::vector<at::Tensor>& rot2,
-    int64_t act_bits, bool symmetric, bool per_token,
-    const c10::optional<at::Tensor>& static_scale, const c10::optional<at::Tensor>& static_zero,
-    double min_scale,
-    const at::Tensor& qweight,                  // packed int4 uint8 [N, K/2] or int8 [N, K]
-    bool packed, bool fp32_gemm,
-    const at::Tensor& scratch,                  // int8, >= N * K bytes (the per-thread unpack tile)
-    const c10::optional<at::Tensor>& w_sum,     // int32 [N]
-    const at::Tensor& w_scale,                  // float32 [N]
-    const c10::optional<at::Tensor>& bias) {    // float32 [N]
+    bool fp32_gemm,
+    const at::Tensor& scratch) {                // int8, >= N * K bytes (the per-thread unpack tile)
+  const auto& smooth = layer.smooth;
+  const auto& rot1_meta = layer.rot1_meta;
+  const auto& rot1_u = layer.rot1_u;
+  const auto& rot1 = layer.rot1;
+  const auto& perm = layer.perm;
+  const auto& rot2_meta = layer.rot2_meta;
+  const auto& rot2_u = layer.rot2_u;
+  const auto& rot2 = layer.rot2;
+  const auto& act_bits = layer.act_bits;
+  const auto& symmetric = layer.symmetric;
+  const auto& per_token = layer.per_token;
+  const auto& static_scale = layer.static_scale;
+  const auto& static_zero = layer.static_zero;
+  const auto& min_scale = layer.min_scale;
+  const auto& qweight = layer.qweight;
+  const auto& packed = layer.packed;
+  const auto& w_sum = layer.w_sum;
+  const auto& w_scale = layer.w_scale;
+  const auto& bias = layer.bias;
   const int64_t m = x_in.size(0), k = x_in.size(1);
   const int64_t n = qweight.size(0);
 
@@ -303,38 +334,11 @@ std::tuple<at::Tensor, bool> forward(
   return {y, true};
 }
 
-// A layer's arguments, converted from Python once (fused.py caches one per QuantLinear); a call then
-// converts only the input, the GEMM choice and the scratch tile.
-struct Layer {
-  c10::optional<at::Tensor> smooth;
-  std::vector<int64_t> rot1_meta;
-  std::vector<double> rot1_u;
-  std::vector<at::Tensor> rot1;
-  c10::optional<at::Tensor> perm;
-  std::vector<int64_t> rot2_meta;
-  std::vector<double> rot2_u;
-  std::vector<at::Tensor> rot2;
-  int64_t act_bits;
-  bool symmetric, per_token;
-  c10::optional<at::Tensor> static_scale, static_zero;
-  double min_scale;
-  at::Tensor qweight;
-  bool packed;
-  c10::optional<at::Tensor> w_sum;
-  at::Tensor w_scale;
-  c10::optional<at::Tensor> bias;
-
-  std::tuple<at::Tensor, bool> call(const at::Tensor& x, bool fp32_gemm, const at::Tensor& scratch) const {
-    return forward(x, smooth, rot1_meta, rot1_u, rot1, perm, rot2_meta, rot2_u, rot2, act_bits, symmetric, per_token,
-                   static_scale, static_zero, min_scale, qweight, packed, fp32_gemm, scratch, w_sum, w_scale, bias);
-  }
-};
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Layer>(m, "Layer", pybind11::module_local())  // local: test builds load beside it
       .def(pybind11::init<c10::optional<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<at::Tensor>,
                           c10::optional<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<at::Tensor>,
                           int64_t, bool, bool, c10::optional<at::Tensor>, c10::optional<at::Tensor>, double, at::Tensor,
                           bool, c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>>())
-      .def("forward", &Layer::call, "QuantLinear forward on the CPU in one call (see the top of this file)");
+      .def("forward", &forward, "QuantLinear forward on the CPU in one call (see the top of this file)");
 }
