@@ -73,7 +73,8 @@ def _bench_models(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} models, FP {args.dtype} on "
           f"{args.device}, {args.quantizer}, {args.rounds} interleaved rounds")
-    rows = models.run(families, args.size, args.quantizer, args.rounds, args.seed, args.entries, args.device, dtype)
+    rows = models.run(families, args.size, args.quantizer, args.rounds, args.seed, args.entries, args.device, dtype,
+                      layers_per_pass=args.layers_per_pass)
     print(tabulate(models.as_dicts(rows), headers="keys"))
     if args.json:
         write_json_atomic(Path(args.json), {"command": _command(), "torch": torch.__version__,
@@ -157,6 +158,17 @@ def _family(name: str) -> str:
     if name not in families.names():
         raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose one of: {', '.join(families.names())}")
     return name
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a positive integer (anything else: one clear line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _merge(args) -> int:
@@ -275,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     mb.add_argument("--cpu-gemm", default="auto", choices=["auto", "int_mm", "u8_weight", "fp32"],
                     help="the cpu backend's exact GEMM (default: chosen from the instruction set)")
     mb.add_argument("--seed", type=int, default=0)
+    mb.add_argument("--layers-per-pass", type=_positive, metavar="N",
+                    help="quantize() records and replaces N linears per teacher pass (default: all in one)")
     mb.add_argument("--threads", type=int)
     mb.add_argument("--json", help="also write the rows to this JSON file, and a PNG beside it")
     mb.set_defaults(func=_bench_models)
@@ -355,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     qz.add_argument("--out", required=True, help="artifact folder (model.safetensors + quantvla.json)")
     qz.add_argument("--entries", type=int, default=16, help="synthetic calibration entries for tiny/full")
     qz.add_argument("--seed", type=int, default=0)
+    qz.add_argument("--layers-per-pass", type=_positive, metavar="N",
+                    help="record and replace N linears per teacher pass (default: all in one): less memory, "
+                         "more passes, the same result")
     qz.set_defaults(func=_quantize)
     args = parser.parse_args(argv)
     try:
@@ -398,7 +415,7 @@ def _quantize(args) -> int:
     loaded = families.load_fp(args.model, args.size, args.checkpoint, entries=args.entries, seed=args.seed)
     fp, calibration = loaded.model, loaded.calibration
     print(f"{args.model} ({args.size}), {len(calibration)} calibration entries, {args.quantizer}")
-    quantized = quantize(fp, calibration, config)
+    quantized = quantize(fp, calibration, config, layers_per_pass=args.layers_per_pass)
     took = time.perf_counter() - started
     save_quantized(quantized, out, config, fp, calibration)
     mem = component_memory(fp, quantized)

@@ -5,7 +5,9 @@
    quantizing costs the quantized layers and the folded attention projections, not a second model;
 2. record each selected linear's input activations through the teacher on the first
    `act_batches` buffer entries (every denoising step), and replace the student's linears by
-   QuantLinear (DuQuant transform + integer kernels) calibrated on them;
+   QuantLinear (DuQuant transform + integer kernels) calibrated on them; with `layers_per_pass`,
+   a group of that many layers at a time (one teacher pass each), so only one group's recorded
+   activations are alive at once: the same student, bit for bit, for less memory and more passes;
 3. ATM: run teacher and student on the same entries, noise and time steps, compare per-head
    logit Std at each DiT attention site in turn (earlier sites already corrected), fold alpha
    into W_q;
@@ -89,10 +91,13 @@ def _run(model, buffer: CalibrationBuffer, entries: range, steps: int | None) ->
         model.sample_actions(buffer.inputs[i], buffer.noise[i], num_steps=steps)
 
 
-def record_activations(model, names, buffer: CalibrationBuffer, config: QuantConfig) -> dict[str, torch.Tensor]:
+def record_activations(model, names, buffer: CalibrationBuffer, config: QuantConfig,
+                       gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Input rows of each named linear, recorded through `model` on the first config.act_batches
     buffer entries (every denoising step), at most config.max_rows evenly spaced rows per layer.
-    Layers the action path never runs (pi0.5's last VLM q/o/MLP) get seeded Gaussian rows."""
+    Layers the action path never runs (pi0.5's last VLM q/o/MLP) get Gaussian rows from `gen`
+    (default: seeded with config.seed), drawn in `names` order; quantize() passes one generator to
+    every group, so grouped recording draws the same rows as one pass over all layers."""
     mods = dict(model.named_modules())
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = [mods[n].register_forward_hook(
@@ -104,7 +109,7 @@ def record_activations(model, names, buffer: CalibrationBuffer, config: QuantCon
         for h in hooks:
             h.remove()
     out = {}
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = gen if gen is not None else torch.Generator().manual_seed(config.seed)
     for n, chunks in rows.items():
         if not chunks:
             out[n] = torch.randn(256, mods[n].in_features, generator=gen)
@@ -145,10 +150,17 @@ def _measure(model, buffer, entries, steps):
 
 @torch.no_grad()
 def quantize(model: nn.Module, calibration: CalibrationBuffer, config: QuantConfig | str = "quantvla-w4a8",
-             report: QuantizationReport | None = None) -> nn.Module:
-    """A quantized copy of `model` (left untouched). `report`, if given, is filled in."""
+             report: QuantizationReport | None = None, *, layers_per_pass: int | None = None) -> nn.Module:
+    """A quantized copy of `model` (left untouched). `report`, if given, is filled in.
+    `layers_per_pass` (default: all): how many linears are recorded and replaced per teacher pass.
+    Fewer keep less recorded activation memory alive (a full-size model records up to max_rows rows
+    of every layer) at the cost of one more teacher pass per group; the result is the same."""
     if isinstance(config, str):
         config = preset(config)
+    if layers_per_pass is not None and (isinstance(layers_per_pass, bool) or not isinstance(layers_per_pass, int)
+                                        or layers_per_pass < 1):
+        raise QuantInputError(f"layers_per_pass must be a positive integer (or None: every layer in one pass), "
+                              f"got {layers_per_pass!r}")
     if len(calibration) == 0 and config.linear is not None:
         raise QuantInputError("the calibration buffer is empty; record at least one observation")
     _check_finite(calibration)
@@ -161,10 +173,13 @@ def quantize(model: nn.Module, calibration: CalibrationBuffer, config: QuantConf
     report.quantized = names
     if config.linear is None or not names:
         return student
-    acts = record_activations(teacher, names, calibration, config)
     mods = dict(student.named_modules())
-    for n in names:
-        _set_module(student, n, QuantLinear.from_linear(mods[n], config.linear, calib=acts[n], name=n))
+    gen = torch.Generator().manual_seed(config.seed)  # one stream for every group: see record_activations
+    group = layers_per_pass or len(names)
+    for start in range(0, len(names), group):
+        acts = record_activations(teacher, names[start:start + group], calibration, config, gen)
+        for n in names[start:start + group]:  # each record is dropped as soon as its layer is built
+            _set_module(student, n, QuantLinear.from_linear(mods[n], config.linear, calib=acts.pop(n), name=n))
     if config.atm or config.ohb:
         calibrate(teacher, student, calibration, config, report)
     return student

@@ -9,6 +9,7 @@ import torch
 from quantvla import CalibrationBuffer, QuantizationReport, preset, quantize, quantized_layer_names
 from quantvla.artifact import ArtifactError, load_quantized, save_quantized
 from quantvla.calibration.scales import clip_scale, fit_alpha, observing
+from quantvla.errors import QuantInputError
 from quantvla.models import build
 from quantvla.quant.linear import QuantLinear
 
@@ -65,6 +66,33 @@ def test_the_student_shares_what_it_does_not_change(setup):
     assert shared > 0.2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
     q.to(torch.float64)
     assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("per_pass", [1, 7])
+def test_layers_recorded_a_group_at_a_time_give_the_same_student(setup, per_pass, monkeypatch):
+    """Streaming quantization: at most `per_pass` layers' activations recorded per teacher pass, and
+    the student bit for bit the one-pass student's (pi0.5's never-run layers draw their Gaussian
+    rows from one generator across groups, so they agree too)."""
+    import quantvla.api as api
+
+    model, buf, _ = setup
+    whole = quantize(model, buf, "quantvla-w4a8").state_dict()
+    groups: list[int] = []
+    real = api.record_activations
+
+    def spy(m, names, *args):
+        groups.append(len(names))
+        return real(m, names, *args)
+    monkeypatch.setattr(api, "record_activations", spy)
+    grouped = quantize(model, buf, "quantvla-w4a8", layers_per_pass=per_pass).state_dict()
+    n = len(quantized_layer_names(model, preset("quantvla-w4a8")))
+    assert max(groups) <= per_pass and sum(groups) == n and len(groups) == math.ceil(n / per_pass)
+    assert whole.keys() == grouped.keys()
+    assert all(torch.equal(whole[k], grouped[k]) for k in whole), [k for k in whole
+                                                                   if not torch.equal(whole[k], grouped[k])]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(QuantInputError, match="layers_per_pass must be a positive integer"):
+            quantize(model, buf, "quantvla-w4a8", layers_per_pass=bad)
 
 
 def test_component_memory_counts_the_onednn_cache(setup, monkeypatch):

@@ -61,6 +61,7 @@ class ModelRow:
     fused_speedup: float | None = None
     fused_identical: bool | None = None  # the fused chunk equals the eager one, bit for bit
     fused_unavailable: str | None = None
+    layers_per_pass: int | None = None  # quantize()'s streaming group (None: every layer in one pass)
 
 
 class PeakRSS:
@@ -147,7 +148,8 @@ def ops_per_linear_call(q: torch.nn.Module, x, noise) -> int | None:
 
 
 def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", rounds: int = 15, seed: int = 0,
-            entries: int = 16, device: str = "cpu", fp_dtype: torch.dtype = torch.float32, log=print) -> ModelRow:
+            entries: int = 16, device: str = "cpu", fp_dtype: torch.dtype = torch.float32, log=print,
+            layers_per_pass: int | None = None) -> ModelRow:
     from quantvla import quantize
     from quantvla.memory import component_memory
 
@@ -160,7 +162,7 @@ def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", r
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with PeakRSS() as rss:
-        q = quantize(model, buffer, quantizer).eval()
+        q = quantize(model, buffer, quantizer, layers_per_pass=layers_per_pass).eval()
         _sync(device)
     quantize_s = time.perf_counter() - t0
     quantize_cuda = round(torch.cuda.max_memory_allocated() / MIB, 1) if device.startswith("cuda") else None
@@ -211,9 +213,10 @@ def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", r
                    round(mem.resident_bytes / MIB, 3), round(mem.saving, 4), ops, peaks.get("fp"), peaks.get("q"),
                    round(fp_bytes / MIB, 1), quantize_rss, quantize_cuda,
                    None if fused_ms is None else round(fused_ms, 3),
-                   None if fused_ms is None else round(fp_ms / fused_ms, 2), identical, fused_why)
+                   None if fused_ms is None else round(fp_ms / fused_ms, 2), identical, fused_why, layers_per_pass)
     log(f"  {family} {size} ({row.params_M} M params, {row.fp_dtype} on {device}): chunk FP {fp_ms:.1f} ms, "
         f"{quantizer} {q_ms:.1f} ms ({row.speedup}x); quantize {quantize_s:.1f} s on {len(buffer)} entries"
+        + (f" ({layers_per_pass} layers per pass)" if layers_per_pass else "")
         + (f", peak RSS {_size(rss.peak_bytes)} = {rss.peak_bytes / fp_bytes:.2f}x the FP model's {_size(fp_bytes)}"
            if rss.peak_bytes else "") + "; "
         f"components FP16 {_size(mem.fp16_bytes)} -> {_size(mem.storage_bytes)} stored, "
@@ -226,11 +229,11 @@ def measure(family: str, size: str = "tiny", quantizer: str = "quantvla-w4a8", r
 
 def run(families=None, size: str = "tiny", quantizer: str = "quantvla-w4a8", rounds: int = 15,
         seed: int = 0, entries: int = 16, device: str = "cpu", fp_dtype: torch.dtype = torch.float32,
-        log=print) -> list[ModelRow]:
+        log=print, layers_per_pass: int | None = None) -> list[ModelRow]:
     """One row per family (default: every registered one)."""
     from quantvla import families as registry
 
-    return [measure(f, size, quantizer, rounds, seed, entries, device, fp_dtype, log)
+    return [measure(f, size, quantizer, rounds, seed, entries, device, fp_dtype, log, layers_per_pass)
             for f in families or registry.names()]
 
 
