@@ -81,7 +81,7 @@ TINY_STATE = PI05Config(
 # The small trained policies that see: agentview + wrist at 64 px through SigLIP (8 px patches: 128
 # image tokens against at most 16 of language, the full model's proportion of vision in the prefix).
 TINY_VISION = PI05Config(
-    vision=SiglipConfig(width=64, depth=2, mlp=128, heads=2, patch=8, image=64),
+    vision=SiglipConfig(width=96, depth=3, mlp=192, heads=3, patch=8, image=64),
     llm=GemmaConfig(128, 2, 256, 2, 1, 32, 64),
     expert=GemmaConfig(128, 2, 256, 2, 1, 32),
     max_token_len=16, num_images=2,

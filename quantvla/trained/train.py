@@ -208,7 +208,7 @@ def _shift(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), log=print):
     """A policy whose observation is the two cameras + instruction (+ the family's proprioceptive
     state), no object tokens. Samples are the demos' frames (every `every`-th step); during training
-    only, a linear head on the vision tower's pooled features regresses the simulator's object
+    only, a linear head on the vision tower's patch tokens regresses the simulator's object
     tokens (TrainConfig.aux_weight): it is not part of the model and never runs at evaluation.
     -> (model, adapter, calibration buffer, training record)."""
     if demos.images is None or demos.state is None:
@@ -238,8 +238,9 @@ def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), lo
 
     tower = next(m for m in model.modules() if isinstance(m, SiglipVisionModel))
     features: list[torch.Tensor] = []
-    hook = tower.register_forward_hook(lambda _m, _i, out: features.append(out.mean(1)))
-    aux_head = torch.nn.Linear(c.vision.width * c.num_images, aux_target.shape[1])
+    # every patch token, not their mean: object positions are where a feature is, which a mean loses
+    hook = tower.register_forward_hook(lambda _m, _i, out: features.append(out.flatten(1)))
+    aux_head = torch.nn.Linear(c.vision.width * c.vision.tokens * c.num_images, aux_target.shape[1])
     params = list(model.parameters()) + list(aux_head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -282,8 +283,8 @@ def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), lo
     calibration = CalibrationBuffer.from_inputs(entries, c.action_horizon, c.action_dim, seed=cfg.seed)
     record = {"steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
               "train_demos": len(train_eps), "held_out_demos": len(held_eps), "train_frames": len(train_frames),
-              "augmentation": f"random shift +-{SHIFT} px", "aux_loss": f"object tokens from the pooled vision "
-              f"tower, weight {cfg.aux_weight}, training only", "initial_loss": float(np.mean(losses[:10])),
+              "augmentation": f"random shift +-{SHIFT} px", "aux_loss": f"object tokens from the vision tower's "
+              f"patch tokens, weight {cfg.aux_weight}, training only", "initial_loss": float(np.mean(losses[:10])),
               "final_loss": float(np.mean(losses[-100:])), "final_aux_loss": float(np.mean(aux_losses[-100:])),
               "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
     return model, adapter, calibration, record
