@@ -162,13 +162,9 @@ def _family(name: str) -> str:
 
 def _positive(text: str) -> int:
     """An argparse type: a positive integer (anything else: one clear line, exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return int(text)
 
 
 def _merge(args) -> int:

@@ -1,6 +1,7 @@
 """python -m quantvla quantize: the deployer's command writes an artifact that loads back to the
 same actions, prints the memory of the quantized components, and refuses bad input in one line."""
 
+import pytest
 import torch
 
 from quantvla.__main__ import main
@@ -36,3 +37,13 @@ def test_quantize_refuses_bad_input_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "a").exists()  # nothing written for refused input
+
+
+def test_layers_per_pass_must_be_a_positive_integer(tmp_path, capsys):
+    for bad in ("0", "-1", "1.5", "x"):
+        with pytest.raises(SystemExit) as exit_info:  # argparse: usage and one error line, exit 2
+            main(["quantize", "--model", "pi05", "--out", str(tmp_path / "a"), "--layers-per-pass", bad])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"expected a positive integer, got '{bad}'" in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "a").exists()
