@@ -167,6 +167,13 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse type: 0 or a positive integer (anything else: one clear line, exit 2)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    return int(text)
+
+
 def _merge(args) -> int:
     from quantvla.eval import merge
 
@@ -237,11 +244,13 @@ def _train_tiny(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     demos = Demos.load(args.demos)
-    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, aux_weight=args.aux_weight)
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, aux_weight=args.aux_weight,
+                      shift=args.shift)
     sees = demos.images is not None  # rendered demos train a policy that sees
     model, adapter, calibration, record = (train_vision if sees else train)(args.model, demos, cfg)
     inputs = ("agentview and wrist cameras (rendered at {} px), the instruction{}; no object state".format(
-        demos.meta["render"], " and the proprioceptive state" if getattr(model.config, "state_dim", 0) else "")
+        demos.meta["render"], " and the proprioceptive state" + (" (in the prompt)" if adapter.discrete_state else "")
+        if getattr(model.config, "state_dim", 0) or adapter.discrete_state else "")
         if sees else "object-state tokens (robot, goal object, container) and the instruction: a state-based "
                      "stand-in for the camera; this policy never sees an image")
     meta = {"config_name": "tiny-vision" if sees else "tiny-state", "suite": demos.meta["suite"],
@@ -249,7 +258,7 @@ def _train_tiny(args) -> int:
             "training": record, "demos": {k: v for k, v in demos.meta.items() if k != "per_task_summary"},
             "command": f"python -m quantvla train-tiny --model {args.model} --demos {args.demos} --out {args.out} "
                        f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --seed {args.seed}"
-                       + (f" --aux-weight {args.aux_weight}" if sees else "")}
+                       + (f" --aux-weight {args.aux_weight} --shift {args.shift}" if sees else "")}
     save_bundle(args.out, model, meta, adapter.tokenizer, adapter.stats, calibration)
     print(f"wrote {args.out}")
     return 0
@@ -353,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--aux-weight", type=float, default=0.5,
                     help="policies that see: weight of the training-only object-pose loss on the vision tower")
+    tt.add_argument("--shift", type=_non_negative_int, default=4,
+                    help="policies that see: random-shift augmentation of the images in pixels (0: none)")
     tt.add_argument("--threads", type=int)
     tt.set_defaults(func=_train_tiny)
     qz = sub.add_parser("quantize", help="quantize a model and write the artifact, printing its memory")

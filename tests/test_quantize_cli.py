@@ -47,3 +47,13 @@ def test_layers_per_pass_must_be_a_positive_integer(tmp_path, capsys):
         assert exit_info.value.code == 2 and f"expected a positive integer, got '{bad}'" in err
         assert "Traceback" not in err
     assert not (tmp_path / "a").exists()
+
+
+def test_train_tiny_shift_must_be_zero_or_positive(tmp_path, capsys):
+    for bad in ("-1", "1.5", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train-tiny", "--model", "pi05", "--demos", str(tmp_path / "d"), "--out", str(tmp_path / "p"),
+                  "--shift", bad])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"expected 0 or a positive integer, got '{bad}'" in err
+    assert not (tmp_path / "p").exists()

@@ -161,9 +161,46 @@ def test_a_policy_that_sees_is_seeded_reads_the_image_and_round_trips(family, tm
     first = {}
     for right in (0, 1):  # the first action's sign follows the square's side
         i = int(np.flatnonzero(demos.actions[:, 0].numpy() == (1.0 if right else -1.0))[0])
-        obs = dict(zip(keys, demos.images[i].numpy(), strict=True))
+        obs = dict(zip(keys, demos.images[i].numpy(), strict=True)) | proprio
         first[right] = float(policy.infer(obs, Task.instruction)[:, 0].mean())
     assert first[1] > first[0] + 0.5, first
+
+
+def test_seeing_pi05_writes_its_state_into_the_prompt_and_reads_it(tmp_path):
+    """pi0.5's protocol (openpi's discrete_state_input, LeRobot's pi05): the state as 256-bin numbers
+    in the prompt, the bins' embeddings started in order; training without the random shift."""
+    from quantvla.policy.adapters import state_prompt
+
+    demos = synthetic_rendered_demos()
+    assert state_prompt("pick up", np.array([-2.0, -1.0, 0.0, 0.999, 5.0])) == \
+        "Task: pick up, State: 0 0 128 255 255;\nAction: "
+    cfg = TrainConfig(steps=20, batch=8, warmup=1, seed=3, shift=0)
+    model, adapter, calibration, rec = train_vision("pi05", demos, cfg, log=lambda *_: None)
+    assert adapter.discrete_state and rec["state"] == "in the prompt, 256 bins" and rec["augmentation"] == "none"
+    # the calibration entries carry the prompts with their states: not all the same tokens
+    assert len({tuple(x.tokens[0].tolist()) for x in calibration.inputs}) > 1
+    frame = dict(zip(("agentview_image", "robot0_eye_in_hand_image"), demos.images[0].numpy(), strict=True))
+    far = {"robot0_eef_pos": np.array([1.0, 1.0, 1.0]), "robot0_eef_quat": np.array([0, 0, 0, 1.0]),
+           "robot0_gripper_qpos": np.array([0.04, -0.04])}
+    near = far | {"robot0_eef_pos": np.array([-1.0, -1.0, -1.0])}
+    a, b = (adapter.inputs(frame | s, demos.instructions[0], 2) for s in (far, near))
+    assert torch.equal(a.images, b.images) and not torch.equal(a.tokens, b.tokens)
+    noise = calibration.noise[0]
+    assert not torch.equal(model.sample_actions(a, noise), model.sample_actions(b, noise))
+
+
+def test_state_bins_start_as_an_ordered_code():
+    from quantvla.policy.adapters import WordTokenizer, state_prompt_words
+    from quantvla.trained.train import ordinal_number_embeddings
+
+    tok = WordTokenizer.fit(["pick up"] + state_prompt_words())
+    emb = torch.nn.Embedding(tok.vocab_size, 64)
+    ordinal_number_embeddings(emb, tok)
+    rows = emb.weight.detach()[[tok.ids[str(b)] for b in range(256)]]
+    dist = torch.cdist(rows, rows)
+    assert dist[100, 101] < dist[100, 110] < dist[100, 200]  # nearby bins start closer than far ones
+    scale = float(emb.weight[tok.ids["pick"]].detach().std())
+    assert abs(float(rows.std()) / scale - 1) < 0.5  # the table's own scale
 
 
 def test_adapter_target_inverts_actions():

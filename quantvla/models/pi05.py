@@ -56,6 +56,9 @@ class PI05Config:
     # object-state tokens (the small trained policies' stand-in for the camera): 0 = none
     num_objects: int = 0
     object_dim: int = 0
+    # openpi's Pi0Config.discrete_state_input: the proprioceptive state is written into the prompt as
+    # 256-bin numbers (pi0.5's default; openpi's pi05_libero turns it off, LeRobot's pi05 keeps it)
+    discrete_state_input: bool = False
 
     def __post_init__(self):
         a, b = self.llm, self.expert
@@ -79,12 +82,13 @@ TINY_STATE = PI05Config(
     max_token_len=16, num_images=0, num_objects=3, object_dim=12,
 )
 # The small trained policies that see: agentview + wrist at 64 px through SigLIP (8 px patches: 128
-# image tokens against at most 16 of language, the full model's proportion of vision in the prefix).
+# image tokens against at most 32 of language, the full model's proportion of vision in the prefix),
+# the state in the prompt as pi0.5 does it (the vocabulary holds the 256 bin numbers).
 TINY_VISION = PI05Config(
     vision=SiglipConfig(width=96, depth=3, mlp=192, heads=3, patch=8, image=64),
-    llm=GemmaConfig(128, 2, 256, 2, 1, 32, 64),
+    llm=GemmaConfig(128, 2, 256, 2, 1, 32, 320),
     expert=GemmaConfig(128, 2, 256, 2, 1, 32),
-    max_token_len=16, num_images=2,
+    max_token_len=32, num_images=2, discrete_state_input=True,
 )
 
 

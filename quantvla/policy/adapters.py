@@ -173,18 +173,30 @@ class LiberoAdapter:
     """Observation dict + instruction -> ModelInputs; action chunk -> [T, 7] LIBERO actions."""
 
     def __init__(self, family: str, image_size: int, max_tokens: int, tokenizer, stats: dict[str, NormStats],
-                 action_norm: str = "quantile", state_norm: str = "min_max", state_dim: int = 0):
+                 action_norm: str = "quantile", state_norm: str = "min_max", state_dim: int = 0,
+                 discrete_state: bool = False):
         self.family, self.image_size, self.max_tokens = family, image_size, max_tokens
         self.tokenizer, self.stats = tokenizer, stats
         self.action_norm, self.state_norm, self.state_dim = action_norm, state_norm, state_dim
+        self.discrete_state = discrete_state  # pi0.5's own protocol: the state is written into the prompt
         self.crop = families.get(family).image_crop
 
     @classmethod
     def for_config(cls, family: str, config, tokenizer, stats: dict[str, NormStats]) -> LiberoAdapter:
         """The adapter of a model config: its image size, token budget and (where the family's
         protocol has one) state size, with the family's action normalisation."""
+        if getattr(config, "discrete_state_input", False):  # pi0.5: quantile-normalized, as openpi does
+            return cls(family, config.vision.image, config.max_token_len, tokenizer, stats,
+                       action_norm=families.get(family).action_norm, state_norm="quantile", discrete_state=True)
         return cls(family, config.vision.image, config.max_token_len, tokenizer, stats,
                    action_norm=families.get(family).action_norm, state_dim=getattr(config, "state_dim", 0))
+
+    def prompt(self, instruction: str, state: np.ndarray) -> str:
+        """The text the model reads: the instruction, and with a discrete-state protocol also the
+        state (raw 8-D LIBERO state, normalized here)."""
+        if not self.discrete_state:
+            return instruction
+        return state_prompt(instruction, self.stats["state"].normalize(state, self.state_norm))
 
     def images(self, obs: dict) -> torch.Tensor:
         out = []
@@ -199,7 +211,8 @@ class LiberoAdapter:
 
     def inputs(self, obs: dict, instruction: str, n_images: int) -> ModelInputs:
         images = self.images(obs)[:n_images]
-        tokens, mask = self.tokenizer.encode(instruction, self.max_tokens)
+        text = self.prompt(instruction, libero_state(obs)) if self.discrete_state else instruction
+        tokens, mask = self.tokenizer.encode(text, self.max_tokens)
         state = None
         if self.state_dim:
             s = self.stats["state"].normalize(libero_state(obs), self.state_norm)
@@ -211,6 +224,25 @@ class LiberoAdapter:
     def actions(self, chunk: torch.Tensor) -> np.ndarray:
         """[1, T, action_dim] model output -> [T, 7] environment actions."""
         return chunk_to_actions(chunk, self.stats["actions"], self.action_norm, self.family)
+
+
+STATE_BINS = 256
+
+
+def state_prompt(instruction: str, normalized_state: np.ndarray) -> str:
+    """pi0.5's prompt with the state in it (openpi's tokenizer with discrete_state_input, LeRobot's
+    pi05 processor): each normalized dimension cut into 256 equal bins over [-1, 1], written as a
+    number: "Task: <instruction>, State: 12 200 ...;\nAction: ". Values outside [-1, 1] take the end
+    bins (openpi would write -1 below the range; a word tokenizer has no minus sign)."""
+    bins = np.digitize(normalized_state, np.linspace(-1, 1, STATE_BINS + 1)[:-1]) - 1
+    bins = np.clip(bins, 0, STATE_BINS - 1)
+    text = instruction.strip().replace("_", " ").replace("\n", " ")
+    return f"Task: {text}, State: {' '.join(map(str, bins.tolist()))};\nAction: "
+
+
+def state_prompt_words() -> list[str]:
+    """The words a word tokenizer needs for state prompts, beside the instructions'."""
+    return ["task", "state", "action"] + [str(b) for b in range(STATE_BINS)]
 
 
 def chunk_to_actions(chunk: torch.Tensor, stats: NormStats, norm: str, family: str) -> np.ndarray:

@@ -32,7 +32,7 @@ from quantvla.eval.libero import CAMERAS
 from quantvla.models import build
 from quantvla.models.observation import ModelInputs
 from quantvla.models.siglip import SiglipVisionModel
-from quantvla.policy.adapters import LiberoAdapter, NormStats, WordTokenizer
+from quantvla.policy.adapters import STATE_BINS, LiberoAdapter, NormStats, WordTokenizer, state_prompt_words
 from quantvla.policy.state import ROBOT_DIM, StateAdapter, model_actions
 from quantvla.trained.demos import Demos
 
@@ -51,6 +51,7 @@ class TrainConfig:
     warmup: int = 200
     seed: int = 0
     aux_weight: float = 0.5  # policies that see: weight of the training-only object-pose regression
+    shift: int = 4  # policies that see: random-shift augmentation in pixels, 0 for none
 
 
 def _stats(x: np.ndarray, floor: float) -> NormStats:
@@ -179,15 +180,28 @@ def train(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), log=print
 
 
 # ----------------------------------------------------------------------------- policies that see
-SHIFT = 4  # random-shift augmentation of the model's images, in pixels (DrQ, Kostrikov et al. 2020)
-
-
 def vision_adapter(family: str, config, demos: Demos, steps: np.ndarray) -> LiberoAdapter:
     """The evaluation adapter (LiberoAdapter: cameras, instruction, the family's state) with
     statistics from the training steps; it turns the demos' raw frames into model images."""
     actions = model_actions(family, demos.actions.numpy()[steps])
     stats = {"actions": _stats(actions, STD_FLOOR), "state": _stats(demos.state.numpy()[steps], STD_FLOOR)}
-    return LiberoAdapter.for_config(family, config, WordTokenizer.fit(demos.instructions), stats)
+    extra = state_prompt_words() if getattr(config, "discrete_state_input", False) else []
+    return LiberoAdapter.for_config(family, config, WordTokenizer.fit(list(demos.instructions) + extra), stats)
+
+
+def ordinal_number_embeddings(embedding: torch.nn.Embedding, tokenizer: WordTokenizer) -> None:
+    """Start the 256 state-bin tokens as a smooth code of their value (sines and cosines of the bin
+    at geometric frequencies), at the table's own scale: neighbouring bins start alike, so what the
+    model learns about one bin carries to the next. A learned table starts random, and a tiny model
+    trained from scratch would otherwise have to discover the order of 256 unrelated tokens."""
+    w = embedding.weight
+    half = w.shape[1] // 2
+    freqs = torch.logspace(math.log10(0.5), math.log10(64.0), half)  # cycles over the bins' range
+    angle = 2 * math.pi * (torch.arange(STATE_BINS)[:, None] / STATE_BINS) * freqs[None]
+    code = torch.cat([angle.sin(), angle.cos()], 1)
+    ids = [tokenizer.ids[str(b)] for b in range(STATE_BINS)]
+    with torch.no_grad():
+        w[ids, : 2 * half] = code * (w.std() / code.std())
 
 
 def model_images(adapter: LiberoAdapter, frames: torch.Tensor) -> torch.Tensor:
@@ -195,11 +209,14 @@ def model_images(adapter: LiberoAdapter, frames: torch.Tensor) -> torch.Tensor:
     return torch.stack([adapter.images(dict(zip(CAMERAS, f.numpy(), strict=True))) for f in frames])
 
 
-def _shift(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Each image moved by up to SHIFT pixels (replicate padding, then a random crop)."""
+def _shift(images: torch.Tensor, gen: torch.Generator, shift: int) -> torch.Tensor:
+    """Each image moved by up to `shift` pixels (replicate padding, then a random crop; DrQ,
+    Kostrikov et al. 2020)."""
+    if shift == 0:
+        return images
     b, n, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images.flatten(0, 1), (SHIFT,) * 4, mode="replicate")
-    dx, dy = torch.randint(0, 2 * SHIFT + 1, (2, b * n), generator=gen)
+    padded = torch.nn.functional.pad(images.flatten(0, 1), (shift,) * 4, mode="replicate")
+    dx, dy = torch.randint(0, 2 * shift + 1, (2, b * n), generator=gen)
     out = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (x, y) in enumerate(zip(dx.tolist(), dy.tolist(),
                                                                                       strict=True))])
     return out.view(b, n, c, h, w)
@@ -225,11 +242,17 @@ def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), lo
     targets = torch.from_numpy(adapter.stats["actions"].normalize(model_actions(family, demos.actions.numpy()),
                                                                   adapter.action_norm).astype(np.float32))
     index = torch.from_numpy(chunk_index(episode, c.action_horizon))
-    ids_by_episode, mask_by_episode = (torch.stack(t) for t in zip(
-        *[adapter.tokenizer.encode(t, c.max_token_len) for t in demos.instructions], strict=True))
+    raw_state = demos.state.numpy().astype(np.float64)
+    # each frame's prompt: the instruction, and where the protocol writes it there, the state
+    ids, masks = (torch.stack(t) for t in zip(*[adapter.tokenizer.encode(
+        adapter.prompt(demos.instructions[episode[at]], raw_state[at]), c.max_token_len) for at in frame_step],
+        strict=True))
+    if adapter.discrete_state:
+        ordinal_number_embeddings(model.paligemma_with_expert.paligemma.model.language_model.embed_tokens,
+                                  adapter.tokenizer)
     states = None
     if adapter.state_dim:
-        s = adapter.stats["state"].normalize(demos.state.numpy().astype(np.float64), adapter.state_norm)
+        s = adapter.stats["state"].normalize(raw_state, adapter.state_norm)
         states = torch.zeros(len(s), adapter.state_dim)
         states[:, :s.shape[1]] = torch.from_numpy(s.astype(np.float32))
     obj_flat = demos.objects.flatten(1).double()
@@ -253,9 +276,9 @@ def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), lo
                 group["lr"] = lr
             pick = torch.from_numpy(train_frames)[torch.randint(len(train_frames), (cfg.batch,), generator=gen)]
             at = torch.from_numpy(frame_step)[pick]  # the step each frame was observed at
-            ep = torch.from_numpy(episode)[at]
-            inputs = ModelInputs(_shift(images[pick], gen), torch.ones(cfg.batch, c.num_images, dtype=torch.bool),
-                                 ids_by_episode[ep], mask_by_episode[ep], None if states is None else states[at])
+            inputs = ModelInputs(_shift(images[pick], gen, cfg.shift),
+                                 torch.ones(cfg.batch, c.num_images, dtype=torch.bool),
+                                 ids[pick], masks[pick], None if states is None else states[at])
             features.clear()
             loss = _loss(model, inputs, targets[index[at]], gen)
             aux = torch.nn.functional.mse_loss(aux_head(torch.cat(features[:c.num_images], 1)), aux_target[at])
@@ -276,15 +299,18 @@ def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), lo
     pick = held_frames[np.linspace(0, len(held_frames) - 1, CALIBRATION_ENTRIES).round().astype(int)]
     entries = []
     for i in pick:  # clones: each entry owns its tensors (a buffer is saved tensor by tensor)
-        at, ep = frame_step[i], episode[frame_step[i]]
+        at = frame_step[i]
         entries.append(ModelInputs(images[i][None].clone(), torch.ones(1, c.num_images, dtype=torch.bool),
-                                   ids_by_episode[ep][None].clone(), mask_by_episode[ep][None].clone(),
+                                   ids[i][None].clone(), masks[i][None].clone(),
                                    None if states is None else states[at][None].clone()))
     calibration = CalibrationBuffer.from_inputs(entries, c.action_horizon, c.action_dim, seed=cfg.seed)
     record = {"steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
               "train_demos": len(train_eps), "held_out_demos": len(held_eps), "train_frames": len(train_frames),
-              "augmentation": f"random shift +-{SHIFT} px", "aux_loss": f"object tokens from the vision tower's "
-              f"patch tokens, weight {cfg.aux_weight}, training only", "initial_loss": float(np.mean(losses[:10])),
+              "augmentation": f"random shift +-{cfg.shift} px" if cfg.shift else "none",
+              "state": "in the prompt, 256 bins" if adapter.discrete_state else
+              ("proprioceptive input" if adapter.state_dim else "none"),
+              "aux_loss": f"object tokens from the vision tower's patch tokens, weight {cfg.aux_weight}, training only",
+              "initial_loss": float(np.mean(losses[:10])),
               "final_loss": float(np.mean(losses[-100:])), "final_aux_loss": float(np.mean(aux_losses[-100:])),
               "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
     return model, adapter, calibration, record
