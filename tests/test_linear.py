@@ -69,6 +69,22 @@ def test_backends_bit_identical_end_to_end(x, n, cfg, seed):
     assert torch.equal(layer(rows, backend="onednn"), layer(rows, backend="reference"))
 
 
+@given(x=float_matrices(rows=st.integers(1, 20), cols=st.integers(1, 90)), n=st.integers(1, 40),
+       cfg=st.one_of(layer_configs, gptq_configs), seed=st.integers(0, 1000), bias=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_half_activations_give_the_bits_of_widening_them_first(x, n, cfg, seed, bias, dtype):
+    """bf16 / fp16 models stay in their dtype around the integer GEMM (no widening pass in, no
+    narrowing pass out): the same bits as widening to fp32 first and rounding the fp32 output once."""
+    lin = make_linear(x.shape[1], n, seed, bias=bias)
+    layer = QuantLinear.from_linear(lin, cfg, calib=x)
+    xh = x.to(dtype)
+    if not torch.isfinite(xh).all():
+        return  # fp16 overflow: a NaN/Inf input is refused either way (tested in test_bad_input)
+    y = layer(xh)
+    assert y.dtype == dtype
+    assert torch.equal(y.view(torch.int16), layer(xh.float()).to(dtype).view(torch.int16))
+
+
 @pytest.mark.parametrize("onednn", ["real", "injected"])
 def test_onednn_cache_is_counted_rebuilt_and_never_saved(monkeypatch, onednn):
     """The prepacked copy is resident memory (footprint, component memory), follows in-place edits of

@@ -34,6 +34,8 @@ from quantvla.errors import QuantInputError
 from quantvla.quant.config import DuQuantConfig
 from quantvla.quant.kernels import weight_identity
 
+HALF = (torch.bfloat16, torch.float16)  # activation dtypes the forward reads without a widening pass
+
 SMOOTH_RANGE = (1e-5, 1e5)
 
 
@@ -333,7 +335,10 @@ class DuQuantTransform(nn.Module):
         makes a new tensor works in place on it."""
         owned = False
         if self.smooth is not None:
-            x = x / (self.smooth if self.smooth.dtype == x.dtype else self.smooth.to(x.dtype))
+            s = self.smooth
+            if s.dtype != x.dtype and x.dtype not in HALF:  # half activations widen in the division itself
+                s = s.to(x.dtype)
+            x = x / s
             owned = True
         if self.rot1 is not None:
             y = self.rot1.apply(x, inplace=owned)

@@ -127,23 +127,30 @@ def _asym_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
     return scale.to(torch.float32), zero.to(torch.int32)
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
 def quantize_activation(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torch.Tensor | None = None,
                         static_zero: torch.Tensor | None = None) -> QuantizedActivation:
-    """[M, K] float32 -> QuantizedActivation. Static (per-tensor) needs calibrated scale/zero.
+    """[M, K] float32 (or bfloat16 / float16) -> QuantizedActivation. Static (per-tensor) needs
+    calibrated scale/zero.
 
     This runs on every QuantLinear call, so it is written as few passes as possible, in place on its
-    own temporaries; the arithmetic (and so every bit) is that of _asym_params and the order below."""
+    own temporaries; the arithmetic (and so every bit) is that of _asym_params and the order below.
+    A half-precision x gives the bits of x.float(): the row extremes are exact in any dtype and are
+    widened before any arithmetic, and the division by the fp32 scale widens x in the same pass."""
     qmin, qmax = signed_range(cfg.bits)
     zero_f = None  # the zero point as float, for the add in the fixed order below
     if cfg.granularity == "per_token":
         if cfg.symmetric:
-            scale = x.abs().amax(dim=1, keepdim=True).div_(qmax).clamp_min_(MIN_SCALE)
+            scale = _fp32(x.abs().amax(dim=1, keepdim=True)).div_(qmax).clamp_min_(MIN_SCALE)
             zero = None
         else:
             # amax + amin: 16x faster than torch.aminmax(dim=1) on CPU in torch 2.13 (measured)
             levels = (1 << cfg.bits) - 1
-            lo = x.amin(dim=1, keepdim=True).clamp_(max=0.0)
-            hi = x.amax(dim=1, keepdim=True).clamp_(min=0.0)
+            lo = _fp32(x.amin(dim=1, keepdim=True)).clamp_(max=0.0)
+            hi = _fp32(x.amax(dim=1, keepdim=True)).clamp_(min=0.0)
             scale = hi.sub_(lo).div_(levels).clamp_min_(MIN_SCALE)
             zero_f = lo.neg_().div_(scale).round_().clamp_(0, levels).sub_(1 << (cfg.bits - 1))
             scale = scale if scale.dtype == torch.float32 else scale.to(torch.float32)

@@ -19,7 +19,7 @@ from torch import nn
 from quantvla.errors import QuantInputError
 from quantvla.quant import fused, grids, kernels
 from quantvla.quant.config import LinearQuantConfig
-from quantvla.quant.duquant import DuQuantTransform
+from quantvla.quant.duquant import HALF, DuQuantTransform
 from quantvla.quant.packing import pack_int4, unpack_int4
 
 # int32 accumulator headroom: K * max|x_q - z| * max|w_q| must stay below 2^31.
@@ -142,7 +142,7 @@ class QuantLinear(nn.Module):
         return x
 
     def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, grids.QuantizedActivation]:
-        """[M, K] fp32 -> (transformed activations, their integer form)."""
+        """[M, K] fp32 (or bf16 / fp16, see forward) -> (transformed activations, their integer form)."""
         if self.transform is not None:
             x2 = self.transform.apply_act(x2)
         qa = grids.quantize_activation(x2, self.config.act, self.act_scale, self.act_zero)
@@ -158,12 +158,17 @@ class QuantLinear(nn.Module):
         x = self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32:
-            x2 = x2.to(torch.float32)
         backend = backend or self.config.backend
-        y = fused.run(self, x2, backend) if fused._forward == "fused" else None
-        if y is not None:  # the same bits in one C++ call (fused.py); None: this layer runs eagerly
-            return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*lead, self.out_features)
+        if fused._forward == "fused":
+            y = fused.run(self, x2 if x2.dtype == torch.float32 else x2.to(torch.float32), backend)
+            if y is not None:  # the same bits in one C++ call (fused.py); None: this layer runs eagerly
+                return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*lead, self.out_features)
+        # bf16 / fp16 activations stay as they are where the first step on them (the smoothing
+        # division, or the activation grid) widens them to fp32 in its own pass: the same bits as a
+        # widening pass first (it is exact), one [M, K] pass and its fp32 copy fewer
+        if x2.dtype != torch.float32 and not (x2.dtype in HALF and (
+                self.transform is None or self.transform.smooth is not None)):
+            x2 = x2.to(torch.float32)
         _, qa = self.quantize_input(x2)
         acc = kernels.int_linear(qa.q, self.qweight, self.in_features, self.config.weight.bits, backend,
                                  self._prepacked_weight() if backend == "onednn" else None)
@@ -175,11 +180,18 @@ class QuantLinear(nn.Module):
                 acc.sub_(qa.zero * w_sum)
         # fixed epilogue order, shared by every backend: ((float(acc) * s_x) * s_w) (restore) + bias;
         # int32 * float32 promotes in the same pass as the cast (bit-identical to cast, then multiply)
-        y = torch.mul(acc, qa.scale).mul_(self.w_scale)
+        # bf16 / fp16 models get their dtype from the epilogue's last pass (out=: computed in fp32,
+        # rounded once on store, as a separate .to() would), not from an extra [M, N] pass
+        y = torch.mul(acc, qa.scale)
+        out = torch.empty(y.shape, dtype=x.dtype, device=y.device) if x.dtype in HALF else None
+        restore = self.transform is not None and self.transform.out_rot is not None
+        if out is not None and self.bias is None and not restore:
+            return torch.mul(y, self.w_scale, out=out).view(*lead, self.out_features)
+        y.mul_(self.w_scale)
         if self.transform is not None:
             y = self.transform.restore_output(y)
         if self.bias is not None:
-            y.add_(self.bias)
+            y = y.add_(self.bias) if out is None else torch.add(y, self.bias, out=out)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.view(*lead, self.out_features)
