@@ -42,9 +42,10 @@ def test_bench_kernels_rows_are_ratios_of_the_same_run(tmp_path):
     from quantvla.quant.kernels import cpu_gemm
     # where the cpu backend runs the u8_weight GEMM, the fp32 GEMM it replaced is timed beside it
     old_route = {"W8A8 fp32-GEMM", "W4A8 fp32-GEMM"} if cpu_gemm() == "u8_weight" else set()
+    bf16_calls = {"W4A8+DuQuant bf16 in/out", "W4A8+DuQuant bf16 via fp32"}  # a bf16 model's call, two routes
     assert set(by_name) == {"fp32 F.linear", "bf16 F.linear", "W8A8", "W8A8 prepacked", "W4A8", "W4A4",
-                            "W4A8+DuQuant"} | old_route
-    for name in old_route:  # the same layer on another GEMM: the same bytes resident
+                            "W4A8+DuQuant"} | old_route | bf16_calls
+    for name in old_route | bf16_calls:  # the same layer on another route: the same bytes resident
         assert by_name[name].resident_bytes == by_name[name.split()[0]].resident_bytes
     fp32 = by_name["fp32 F.linear"].ms
     for r in rows:

@@ -7,6 +7,9 @@ the bytes the candidate keeps resident (weights, scales, caches: QuantLinear.foo
 one speed-for-memory trade on the list, "W8A8 prepacked" (the opt-in oneDNN backend, CPU only),
 shows its price next to its speed. On CPUs whose cpu backend runs the u8_weight GEMM (x86 without
 VNNI), "W8A8 fp32-GEMM" and "W4A8 fp32-GEMM" run the same layers on the fp32 GEMM it replaced.
+"W4A8+DuQuant bf16 in/out" is a bf16 model's call (bf16 activations in and out, no widening or
+narrowing pass), beside "... bf16 via fp32", the same layer with the activations widened first and
+the output narrowed after (the route before issue 20's deliverable 2): the same bits, two passes more.
 """
 
 from __future__ import annotations
@@ -96,13 +99,19 @@ def run(ms=DEFAULT_M, kns=DEFAULT_KN, with_transform: bool = True, min_rounds: i
             fns = {"fp32 F.linear": timed(lambda x=x, w=w32: F.linear(x, w)),
                    "bf16 F.linear": timed(lambda x=x16, w=w16: F.linear(x, w))}
             fns.update({name: timed(lambda layer=layer, x=x: layer(x)) for name, layer in layers.items()})
+            if "W4A8+DuQuant" in layers:  # a bf16 model's call: in its dtype, against widening it first
+                duq = layers["W4A8+DuQuant"]
+                fns["W4A8+DuQuant bf16 in/out"] = timed(lambda layer=duq, x=x16: layer(x))
+                fns["W4A8+DuQuant bf16 via fp32"] = timed(
+                    lambda layer=duq, x=x16: layer(x.to(torch.float32)).to(torch.bfloat16))
             if device == "cpu" and kernels.cpu_gemm() == "u8_weight":
                 for name in ("W8A8", "W4A8"):
                     fns[f"{name} fp32-GEMM"] = timed(lambda layer=layers[name], x=x: _on_fp32_gemm(layer, x))
             med = _time_interleaved(fns, min_rounds, min_seconds)
             resident = {"fp32 F.linear": w32.numel() * 4, "bf16 F.linear": w16.numel() * 2}
             resident.update({name: layer.footprint()["resident"] for name, layer in layers.items()})
-            resident.update({name: resident[name.split()[0]] for name in fns if name.endswith("fp32-GEMM")})
+            resident.update({name: resident[name.split()[0]] for name in fns
+                             if name.endswith("fp32-GEMM") or " bf16 " in name})
             for name, t in med.items():
                 row = KernelRow(m, k, n, name, round(t, 4), round(med["fp32 F.linear"] / t, 2),
                                 round(med["bf16 F.linear"] / t, 2), resident[name])
