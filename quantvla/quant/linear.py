@@ -159,8 +159,9 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backend = backend or self.config.backend
-        if fused._forward == "fused":
-            y = fused.run(self, x2 if x2.dtype == torch.float32 else x2.to(torch.float32), backend)
+        if fused._forward == "fused":  # widened once, for the fused call and, if it declines, the eager one
+            x2 = x2 if x2.dtype == torch.float32 else x2.to(torch.float32)
+            y = fused.run(self, x2, backend)
             if y is not None:  # the same bits in one C++ call (fused.py); None: this layer runs eagerly
                 return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*lead, self.out_features)
         # bf16 / fp16 activations stay as they are where the first step on them (the smoothing
