@@ -174,6 +174,11 @@ def test_seeing_pi05_writes_its_state_into_the_prompt_and_reads_it(tmp_path):
     demos = synthetic_rendered_demos()
     assert state_prompt("pick up", np.array([-2.0, -1.0, 0.0, 0.999, 5.0])) == \
         "Task: pick up, State: 0 0 128 255 255;\nAction: "
+    with pytest.raises(QuantVLAError, match="pixels >= 0"):
+        TrainConfig(shift=-1)
+    wordy = dataclasses.replace(demos, instructions=["pick " * 30] * len(demos.instructions))
+    with pytest.raises(QuantVLAError, match="takes 42 tokens and this config reads 32"):
+        train_vision("pi05", wordy, TrainConfig(steps=1, batch=2), log=lambda *_: None)
     cfg = TrainConfig(steps=20, batch=8, warmup=1, seed=3, shift=0)
     model, adapter, calibration, rec = train_vision("pi05", demos, cfg, log=lambda *_: None)
     assert adapter.discrete_state and rec["state"] == "in the prompt, 256 bins" and rec["augmentation"] == "none"

@@ -53,6 +53,10 @@ class TrainConfig:
     aux_weight: float = 0.5  # policies that see: weight of the training-only object-pose regression
     shift: int = 4  # policies that see: random-shift augmentation in pixels, 0 for none
 
+    def __post_init__(self) -> None:
+        if self.shift < 0:
+            raise QuantVLAError(f"the random shift is a number of pixels >= 0 (0 turns it off), got {self.shift}")
+
 
 def _stats(x: np.ndarray, floor: float) -> NormStats:
     x = x.astype(np.float64)
@@ -247,7 +251,11 @@ def train_vision(family: str, demos: Demos, cfg: TrainConfig = TrainConfig(), lo
     ids, masks = (torch.stack(t) for t in zip(*[adapter.tokenizer.encode(
         adapter.prompt(demos.instructions[episode[at]], raw_state[at]), c.max_token_len) for at in frame_step],
         strict=True))
-    if adapter.discrete_state:
+    if adapter.discrete_state:  # a prompt cut at max_token_len would lose the state's last numbers
+        longest = max(len(adapter.tokenizer.split(adapter.prompt(t, raw_state[0]))) + 1 for t in demos.instructions)
+        if longest > c.max_token_len:
+            raise QuantVLAError(f"a prompt with the state takes {longest} tokens and this config reads "
+                                f"{c.max_token_len}; use shorter instructions or a config with a longer max_token_len")
         ordinal_number_embeddings(model.paligemma_with_expert.paligemma.model.language_model.embed_tokens,
                                   adapter.tokenizer)
     states = None
