@@ -153,7 +153,6 @@ def quantize_activation(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torc
             hi = _fp32(x.amax(dim=1, keepdim=True)).clamp_(min=0.0)
             scale = hi.sub_(lo).div_(levels).clamp_min_(MIN_SCALE)
             zero_f = lo.neg_().div_(scale).round_().clamp_(0, levels).sub_(1 << (cfg.bits - 1))
-            scale = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
             zero = zero_f.to(torch.int32)
     else:
         if static_scale is None:
