@@ -15,14 +15,14 @@ DEFAULT_BITS = "w4a8"
 # held to the reference at the same weight bits with 8-bit activations: quantizing less, they
 # should drift no more.
 WEIGHT_ONLY = {"w8a16": "w8a8", "w4a16": "w4a8"}
-CONFIGS = ("trained", "tiny", "full")
+CONFIGS = ("trained", "trained-state", "tiny", "full")  # the first two: quantvla.families.TRAINED (a test says so)
 FORWARDS = ("eager", "fused")  # the same as quantvla.quant.fused.FORWARDS (a test says so)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     model: str | None
-    size: str  # the model size: "trained" (a trained policy), "tiny" or "full" (--quantvla-config)
+    size: str  # --quantvla-config: "trained" / "trained-state" (a trained policy), "tiny" or "full" (random weights)
     bits: str
     device: str
     seed: int
@@ -38,6 +38,11 @@ class RunConfig:
     allow_inconclusive: bool = False
     rootdir: Path | None = None  # pytest's rootdir: a third-party quantizer's own goldens go under it
     forward: str = "eager"  # QuantLinear's CPU forward: "eager" (the reference) or "fused" (quant/fused.py)
+
+    @property
+    def trained(self) -> bool:
+        """The subject is a trained policy (a folder with policy.json), not random weights."""
+        return self.size in CONFIGS[:2]
 
     @property
     def reference_bits(self) -> str:
@@ -71,8 +76,9 @@ _OPTIONS = [
     ("model", None, "model under test, a registered family (quantvla.families; an unknown name lists them); turns "
                     "the built-in checks on", None),
     ("config", "trained", "trained (the default: the small LIBERO policy trained on expert demos, shipped in "
-                          "golden/policies; object-state tokens stand in for the camera) | tiny (random weights, "
-                          "images) | full (random weights, the real sizes)", CONFIGS),
+                          "golden/policies; it sees where a seeing policy ships, see golden/policies/README.md) | "
+                          "trained-state (the state-based policy: object-state tokens stand in for the cameras) | "
+                          "tiny (random weights, images) | full (random weights, the real sizes)", CONFIGS),
     ("bits", None, "bit-width setting: " + " | ".join(BITS) + f" (default {DEFAULT_BITS}, or the quantizer's own; "
                    "a16: weight-only, third-party quantizers)", BITS),
     ("quantizer", "quantvla", "quantvla (the reference, the default) | a preset name | pkg.module:callable | "
@@ -149,9 +155,9 @@ def parse(config: pytest.Config) -> RunConfig:
     if checkpoint is not None and not checkpoint.exists():
         raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} does not exist; pass a .safetensors file or a "
                                 "checkpoint folder")
-    if checkpoint is not None and values["config"] == "trained" and not _is_policy_folder(checkpoint):
+    if checkpoint is not None and values["config"] in CONFIGS[:2] and not _is_policy_folder(checkpoint):
         raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} is not a trained-policy folder (no policy.json), "
-                                "and --quantvla-config is trained (the default); for a model checkpoint (safetensors "
+                                f"and --quantvla-config is {values['config']}; for a model checkpoint (safetensors "
                                 "file or folder) pass --quantvla-config=tiny or --quantvla-config=full, the size it "
                                 "was saved at")
     episodes, margin = _episodes(values["episodes"]), _margin(values["margin"])

@@ -2,8 +2,8 @@
 buffer, and the quantized model made by the run's quantizer. Every xdist worker builds the same
 one from the same seed.
 
---quantvla-config=trained (the default): the small LIBERO policy shipped in golden/policies (or the
-policy folder given as --quantvla-checkpoint), calibrated and held out on its own recorded demo
+--quantvla-config=trained (the default) or trained-state: a small LIBERO policy shipped in
+golden/policies (or the policy folder given as --quantvla-checkpoint), calibrated and held out on its own recorded demo
 observations. tiny / full: seeded random weights (or --quantvla-checkpoint) and synthetic inputs."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Subject:
     held_out: CalibrationBuffer
     quantized: nn.Module
     report: QuantizationReport | None  # the reference quantizer's calibration report
-    bundle: Bundle | None = None  # the trained policy (config "trained")
+    bundle: Bundle | None = None  # the trained policy (config "trained" or "trained-state")
 
     def quantized_layers(self) -> list[str]:
         """Names of the FP model's linears that the quantizer changed (replaced, a tensor-subclass or
@@ -49,8 +49,9 @@ class Subject:
 
 
 def policy_path(run: RunConfig) -> Path:
-    """The trained policy of a run: --quantvla-checkpoint, else the one shipped for the model."""
-    return run.checkpoint if run.checkpoint is not None else shipped_policy(run.family)
+    """The trained policy of a run: --quantvla-checkpoint, else the one shipped for the model under the
+    run's config name (trained, trained-state)."""
+    return run.checkpoint if run.checkpoint is not None else shipped_policy(run.family, run.size)
 
 
 # Where progress lines go: the plugin points it at the terminal in a serial run (an xdist worker's
@@ -77,7 +78,7 @@ def subject(run: RunConfig) -> Subject:
 
 
 def _build(run: RunConfig) -> tuple[nn.Module, CalibrationBuffer, CalibrationBuffer, Bundle | None]:
-    checkpoint = policy_path(run) if run.size == "trained" else run.checkpoint
+    checkpoint = policy_path(run) if run.trained else run.checkpoint
     loaded = families.load_fp(run.family, run.size, checkpoint, entries=CALIBRATION_ENTRIES, seed=run.seed)
     fp = loaded.model.to(run.device).eval()
     if loaded.bundle is not None:  # alternate recorded entries (spread over tasks and phases): calibrate / hold out

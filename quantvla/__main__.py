@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     k.set_defaults(func=_bench_kernels)
     mb = bench_sub.add_parser("models", help="FP vs quantized: action-chunk latency, calibration time, memory")
     mb.add_argument("--model", action="append", type=_family, help="repeatable (default: every family)")
-    mb.add_argument("--size", default="trained", choices=["trained", "tiny", "full"],
-                    help="trained: the shipped policies (default); tiny, full: random weights")
+    mb.add_argument("--size", default="trained", choices=["trained", "trained-state", "tiny", "full"],
+                    help="trained: the shipped policies (default); trained-state: the state-based ones; tiny, full: "
+                         "random weights")
     mb.add_argument("--quantizer", default="quantvla-w4a8", help="a preset (default quantvla-w4a8)")
     mb.add_argument("--rounds", type=int, default=15, help="interleaved FP/quantized rounds (default 15)")
     mb.add_argument("--entries", type=int, default=16, help="synthetic calibration entries for tiny/full (default 16)")
@@ -368,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     tt.set_defaults(func=_train_tiny)
     qz = sub.add_parser("quantize", help="quantize a model and write the artifact, printing its memory")
     qz.add_argument("--model", required=True, type=_family, help=_FAMILY_HELP)
-    qz.add_argument("--size", default="trained", choices=["trained", "tiny", "full"],
-                    help="trained: a policy folder (default: the shipped one); tiny, full: a model checkpoint")
+    qz.add_argument("--size", default="trained", choices=["trained", "trained-state", "tiny", "full"],
+                    help="trained: a policy folder (default: the shipped one; trained-state: the shipped "
+                         "state-based one); tiny, full: a model checkpoint")
     qz.add_argument("--checkpoint", help="a trained-policy folder, or (with --size tiny|full) a safetensors "
                                          "checkpoint in any supported layout")
     qz.add_argument("--quantizer", default="quantvla-w4a8", help="a preset (default quantvla-w4a8)")
@@ -414,8 +416,8 @@ def _quantize(args) -> int:
         raise QuantVLAError(f"--out {out} is a file; pass a folder (created if missing)")
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    if args.size == "trained":
-        path = Path(args.checkpoint) if args.checkpoint else shipped_policy(args.model)
+    if families.is_trained(args.size):
+        path = Path(args.checkpoint) if args.checkpoint else shipped_policy(args.model, args.size)
         if not is_bundle(path):
             raise QuantVLAError(f"--checkpoint {path} is not a trained-policy folder (no policy.json); for a model "
                                 "checkpoint pass --size tiny or --size full, the size it was saved at")

@@ -37,7 +37,9 @@ class Family:
     gripper: Gripper
     flow: Flow
     image_crop: float = 1.0  # the share of the image kept by a center crop before resizing (GR00T: 0.95)
-    policy: str | None = None  # folder of its trained policy in golden/policies, if one ships
+    # Trained policies shipped in golden/policies, by subject name: "trained" (the default subject:
+    # the policy that sees, once one meets the bar) and "trained-state" (object-state tokens for a camera).
+    policies: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -97,6 +99,14 @@ def build(name: str, config: Any = "tiny") -> nn.Module:
     return get(name).build(config)
 
 
+TRAINED = ("trained", "trained-state")  # the subject names of shipped trained policies
+
+
+def is_trained(size: str) -> bool:
+    """A size that names a trained policy (a folder with policy.json), not a config with random weights."""
+    return size in TRAINED
+
+
 @dataclass
 class FPModel:
     """The floating-point model under test and the calibration buffer that goes with it."""
@@ -109,17 +119,17 @@ class FPModel:
 def load_fp(name: str, size: str = "trained", checkpoint: str | os.PathLike | None = None, entries: int = 16,
             seed: int = 0) -> FPModel:
     """The FP model under test, built the one way the plugin, the CLI and the benchmarks build it.
-    size "trained": a trained-policy folder (`checkpoint`, else the family's shipped one) with its
-    recorded calibration buffer. Any other size: the family's config of that name with random
-    weights drawn from the caller's torch seed (or `checkpoint` loaded in any supported layout) and a
-    synthetic buffer of `entries` from `seed`."""
+    size "trained" or "trained-state": a trained-policy folder (`checkpoint`, else the family's shipped
+    policy of that name) with its recorded calibration buffer. Any other size: the family's config of
+    that name with random weights drawn from the caller's torch seed (or `checkpoint` loaded in any
+    supported layout) and a synthetic buffer of `entries` from `seed`."""
     from quantvla.calibration.buffer import CalibrationBuffer
     from quantvla.models.checkpoint import load_checkpoint
     from quantvla.policy.bundle import load_bundle, shipped_policy
 
     family = get(name)
-    if size == "trained":
-        bundle = load_bundle(checkpoint if checkpoint is not None else shipped_policy(name))
+    if is_trained(size):
+        bundle = load_bundle(checkpoint if checkpoint is not None else shipped_policy(name, size))
         if bundle.family != family.name:
             raise QuantVLAError(f"{bundle.path} holds a {bundle.family} policy, not {family.name}")
         return FPModel(bundle.model.eval(), bundle.calibration(), bundle)
@@ -137,13 +147,15 @@ def _builtin() -> None:
         configs={"tiny": pi05.TINY, "tiny-state": pi05.TINY_STATE, "tiny-vision": pi05.TINY_VISION,
                  "full": pi05.FULL},
         layouts=pi05.LAYOUTS, protocol="openpi", action_norm="quantile", gripper="signed", flow="noise_at_one",
-        policy="pi05-tiny-state", description="pi0.5 (openpi / LeRobot): PaliGemma + Gemma-300M action expert"))
+        # pi0.5's seeing policy does not ship yet (docs/policies.md): its default subject is the state one
+        policies={"trained": "pi05-tiny-state", "trained-state": "pi05-tiny-state"},
+        description="pi0.5 (openpi / LeRobot): PaliGemma + Gemma-300M action expert"))
     register(Family(
         name="gr00t-n15", model=gr00t_n15.GR00TN15,
         configs={"tiny": gr00t_n15.TINY, "tiny-state": gr00t_n15.TINY_STATE,
                  "tiny-vision": gr00t_n15.TINY_VISION, "full": gr00t_n15.FULL},
         layouts=gr00t_n15.LAYOUTS, protocol="gr00t", action_norm="min_max", gripper="unit", flow="data_at_one",
-        image_crop=0.95, policy="gr00t-n15-tiny-state",
+        image_crop=0.95, policies={"trained": "gr00t-n15-tiny-vision", "trained-state": "gr00t-n15-tiny-state"},
         description="GR00T N1.5 (Isaac-GR00T / LeRobot): Eagle 2.5 + flow-matching DiT action head"))
 
 

@@ -1,6 +1,7 @@
 """The model-family registry: a family registered in one place is accepted by the plugin, the
 CLI and the library (a toy third family runs the main job end to end)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -31,6 +32,29 @@ def test_built_in_families_are_registered_with_their_facts():
     gr00t = families.get("gr00t-n15")
     assert (gr00t.protocol, gr00t.gripper, gr00t.image_crop, gr00t.native_layout) == ("gr00t", "unit", 0.95, "isaac")
     assert families.of(families.build("pi05", "tiny")).name == "pi05"
+
+
+def test_each_shipped_policy_subject_loads_the_policy_it_names():
+    """"trained" is the policy that sees where one ships (GR00T N1.5), "trained-state" the state-based
+    stand-in; both load with their own recorded calibration."""
+    seen = {}
+    for name in families.names():
+        for size in families.TRAINED:
+            loaded = families.load_fp(name, size)
+            seen[name, size] = (loaded.bundle.path.name, loaded.bundle.sees)
+            assert len(loaded.calibration) > 0
+    assert seen == {("pi05", "trained"): ("pi05-tiny-state", False),
+                    ("pi05", "trained-state"): ("pi05-tiny-state", False),
+                    ("gr00t-n15", "trained"): ("gr00t-n15-tiny-vision", True),
+                    ("gr00t-n15", "trained-state"): ("gr00t-n15-tiny-state", False)}
+    with pytest.raises(QuantVLAError, match="no 'trained' policy ships for toy"):
+        from quantvla.policy.bundle import shipped_policy
+        families.register(dataclasses.replace(families.get("pi05"), name="toy", policies={},
+                                              model=type("Toy", (families.get("pi05").model,), {"family": "toy"})))
+        try:
+            shipped_policy("toy")
+        finally:
+            families.unregister("toy")
 
 
 def test_an_unknown_family_or_a_mislabelled_model_is_one_clear_error():

@@ -174,6 +174,15 @@ def test_the_plugin_offers_the_protocols_bit_widths():
     assert set(options.WEIGHT_ONLY) == {b for b in quantizer.BITS if b.endswith("a16")}
 
 
+def test_the_plugin_offers_every_shipped_policy_subject():
+    from pytest_quantvla import options
+    from quantvla import families
+
+    assert options.CONFIGS[:2] == families.TRAINED  # written twice so that loading the plugin does not import torch
+    for name in families.names():
+        assert set(families.get(name).policies) == set(families.TRAINED), name
+
+
 def test_in_place_fake_quant_claiming_4_bits_fails_memory(pytester):
     pytester.makepyfile(myq=IN_PLACE_FAKE)
     result = pytester.runpytest_subprocess("--quantvla-model=pi05", "--quantvla-quantizer=myq:quantize", "-q",

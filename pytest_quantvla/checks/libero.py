@@ -99,7 +99,7 @@ def check_suites(run: RunConfig) -> None:
 
     from pytest_quantvla.subject import policy_path
     from quantvla.policy.bundle import is_bundle
-    if run.size != "trained" or run.suites is None or not is_bundle(policy_path(run)):
+    if not run.trained or run.suites is None or not is_bundle(policy_path(run)):
         return  # not a policy folder: building the subject says so
     trained = json.loads((policy_path(run) / "policy.json").read_text()).get("suite")
     if run.suites != (trained,):

@@ -105,7 +105,7 @@ def _subject(family: str, size: str, seed: int, entries: int):
     """(FP model, calibration buffer, the inputs and noise one timed chunk uses)."""
     from quantvla import families
 
-    if size != "trained":
+    if not families.is_trained(size):
         torch.manual_seed(seed)
     loaded = families.load_fp(family, size, entries=entries, seed=seed)
     buffer = loaded.calibration

@@ -94,11 +94,12 @@ def save_bundle(path, model, meta: dict, tokenizer: WordTokenizer, stats: dict[s
     return path
 
 
-def shipped_policy(family: str) -> Path:
-    """The trained policy shipped for a family (golden/policies/<its folder>)."""
-    folder = families.get(family).policy
+def shipped_policy(family: str, name: str = "trained") -> Path:
+    """A trained policy shipped for a family (golden/policies/<its folder>): `name` is "trained" (the
+    default subject) or "trained-state" (the state-based stand-in)."""
+    folder = families.get(family).policies.get(name)
     if folder is None:
-        raise QuantVLAError(f"no trained policy ships for {family}; pass a policy folder, or use a random-weight "
+        raise QuantVLAError(f"no {name!r} policy ships for {family}; pass a policy folder, or use a random-weight "
                             "config (tiny, full)")
     return data_dir("golden") / "policies" / folder
 
