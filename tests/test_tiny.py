@@ -245,22 +245,48 @@ def test_shipped_policy_loads_with_its_record(family):
     assert roles[[n for n in roles if n.endswith("object_state_proj")][0]] == "vision"  # kept in FP like a camera
 
 
-@pytest.mark.libero
-@pytest.mark.parametrize("family", FAMILIES)
-def test_shipped_policy_succeeds_on_an_official_init_state(family):
-    """The FP policy, through the real runner and its family's protocol, on libero_object."""
+def test_shipped_seeing_policy_is_what_train_tiny_builds_and_reads_no_object_state():
+    """gr00t-n15-tiny-vision: the committed tiny-vision config is its config (so its recorded
+    train-tiny command rebuilds it), it reads both cameras and the state, and no object tokens."""
+    from quantvla.models import gr00t_n15
+    from quantvla.policy.bundle import config_from_dict
+
+    bundle = load_bundle(POLICIES / "gr00t-n15-tiny-vision")
+    assert bundle.sees and bundle.meta["config_name"] == "tiny-vision"
+    assert config_from_dict("gr00t-n15", bundle.meta["config"]) == gr00t_n15.TINY_VISION
+    assert bundle.model.config.num_images == 2 and bundle.model.config.num_objects == 0
+    assert bundle.meta["command"].startswith("python -m quantvla train-tiny --model gr00t-n15 ")
+    assert "--out golden/policies/gr00t-n15-tiny-vision " in bundle.meta["command"]
+
+
+def _official_episode(family: str, folder: str, blank_images: bool = False):
     pytest.importorskip("libero.libero", reason="needs the libero extra")
     from quantvla.eval.libero import TaskEnv
-    from quantvla.eval.protocols import protocol_for
     from quantvla.policy.model_policy import ModelPolicy
 
-    bundle = load_bundle(POLICIES / f"{family}-tiny-state")
-    env = TaskEnv("libero_object", bundle.meta["tasks"][0], protocol_for(family))
+    bundle = load_bundle(POLICIES / folder)
+    env = TaskEnv("libero_object", bundle.meta["tasks"][0], bundle.protocol())
     try:
-        r = env.run_episode(0, ModelPolicy.for_task(bundle.model, env, seed=0, bundle=bundle), seed=7)
+        policy = ModelPolicy.for_task(bundle.model, env, seed=0, bundle=bundle, blank_images=blank_images)
+        return env.run_episode(0, policy, seed=env.protocol.seed)
     finally:
         env.close()
+
+
+@pytest.mark.libero
+@pytest.mark.parametrize("family, folder", [("pi05", "pi05-tiny-state"), ("gr00t-n15", "gr00t-n15-tiny-state"),
+                                            ("gr00t-n15", "gr00t-n15-tiny-vision")])
+def test_shipped_policy_succeeds_on_an_official_init_state(family, folder):
+    """The FP policy, through the real runner and its family's protocol, on libero_object."""
+    r = _official_episode(family, folder)
     assert r.success, r
+
+
+@pytest.mark.libero
+def test_the_shipped_seeing_policy_fails_with_its_cameras_blanked():
+    """The episode it succeeds on above, with every camera image black: it uses its eyes."""
+    r = _official_episode("gr00t-n15", "gr00t-n15-tiny-vision", blank_images=True)
+    assert not r.success and r.failure == "timeout", r  # a plain miss, not a policy or simulator error
 
 
 @pytest.mark.libero
