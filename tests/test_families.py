@@ -47,14 +47,16 @@ def test_each_shipped_policy_subject_loads_the_policy_it_names():
                     ("pi05", "trained-state"): ("pi05-tiny-state", False),
                     ("gr00t-n15", "trained"): ("gr00t-n15-tiny-vision", True),
                     ("gr00t-n15", "trained-state"): ("gr00t-n15-tiny-state", False)}
-    with pytest.raises(QuantVLAError, match="no 'trained' policy ships for toy"):
-        from quantvla.policy.bundle import shipped_policy
-        families.register(dataclasses.replace(families.get("pi05"), name="toy", policies={},
-                                              model=type("Toy", (families.get("pi05").model,), {"family": "toy"})))
-        try:
+    from quantvla.policy.bundle import shipped_policy
+
+    pi05 = families.get("pi05")
+    families.register(dataclasses.replace(pi05, name="toy", policies={},
+                                          model=type("Toy", (pi05.model,), {"family": "toy"})))
+    try:
+        with pytest.raises(QuantVLAError, match="no 'trained' policy ships for toy; pass a policy folder"):
             shipped_policy("toy")
-        finally:
-            families.unregister("toy")
+    finally:
+        families.unregister("toy")
 
 
 def test_an_unknown_family_or_a_mislabelled_model_is_one_clear_error():
