@@ -15,7 +15,8 @@ DEFAULT_BITS = "w4a8"
 # held to the reference at the same weight bits with 8-bit activations: quantizing less, they
 # should drift no more.
 WEIGHT_ONLY = {"w8a16": "w8a8", "w4a16": "w4a8"}
-CONFIGS = ("trained", "trained-state", "tiny", "full")  # the first two: quantvla.families.TRAINED (a test says so)
+TRAINED = ("trained", "trained-state")  # the same as quantvla.families.TRAINED (a test says so)
+CONFIGS = (*TRAINED, "tiny", "full")
 FORWARDS = ("eager", "fused")  # the same as quantvla.quant.fused.FORWARDS (a test says so)
 
 
@@ -42,7 +43,7 @@ class RunConfig:
     @property
     def trained(self) -> bool:
         """The subject is a trained policy (a folder with policy.json), not random weights."""
-        return self.size in CONFIGS[:2]
+        return self.size in TRAINED
 
     @property
     def reference_bits(self) -> str:
@@ -155,7 +156,7 @@ def parse(config: pytest.Config) -> RunConfig:
     if checkpoint is not None and not checkpoint.exists():
         raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} does not exist; pass a .safetensors file or a "
                                 "checkpoint folder")
-    if checkpoint is not None and values["config"] in CONFIGS[:2] and not _is_policy_folder(checkpoint):
+    if checkpoint is not None and values["config"] in TRAINED and not _is_policy_folder(checkpoint):
         raise pytest.UsageError(f"--quantvla-checkpoint={checkpoint} is not a trained-policy folder (no policy.json), "
                                 f"and --quantvla-config is {values['config']}; for a model checkpoint (safetensors "
                                 "file or folder) pass --quantvla-config=tiny or --quantvla-config=full, the size it "

@@ -21,6 +21,10 @@ from pathlib import Path
 from quantvla.errors import QuantVLAError
 from quantvla.io import write_json_atomic
 
+# model sizes: the shipped trained policies (quantvla.families.TRAINED; not imported here, it pulls in
+# torch) and the random-weight configs
+_SIZES = ["trained", "trained-state", "tiny", "full"]
+
 
 def _bench_kernels(args) -> int:
     import torch
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     k.set_defaults(func=_bench_kernels)
     mb = bench_sub.add_parser("models", help="FP vs quantized: action-chunk latency, calibration time, memory")
     mb.add_argument("--model", action="append", type=_family, help="repeatable (default: every family)")
-    mb.add_argument("--size", default="trained", choices=["trained", "trained-state", "tiny", "full"],
+    mb.add_argument("--size", default="trained", choices=_SIZES,
                     help="trained: the shipped policies (default); trained-state: the state-based ones; tiny, full: "
                          "random weights")
     mb.add_argument("--quantizer", default="quantvla-w4a8", help="a preset (default quantvla-w4a8)")
@@ -369,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     tt.set_defaults(func=_train_tiny)
     qz = sub.add_parser("quantize", help="quantize a model and write the artifact, printing its memory")
     qz.add_argument("--model", required=True, type=_family, help=_FAMILY_HELP)
-    qz.add_argument("--size", default="trained", choices=["trained", "trained-state", "tiny", "full"],
+    qz.add_argument("--size", default="trained", choices=_SIZES,
                     help="trained: a policy folder (default: the shipped one; trained-state: the shipped "
                          "state-based one); tiny, full: a model checkpoint")
     qz.add_argument("--checkpoint", help="a trained-policy folder, or (with --size tiny|full) a safetensors "

@@ -259,7 +259,7 @@ def test_shipped_seeing_policy_is_what_train_tiny_builds_and_reads_no_object_sta
     assert "--out golden/policies/gr00t-n15-tiny-vision " in bundle.meta["command"]
 
 
-def _official_episode(family: str, folder: str, blank_images: bool = False):
+def _official_episode(folder: str, blank_images: bool = False):
     pytest.importorskip("libero.libero", reason="needs the libero extra")
     from quantvla.eval.libero import TaskEnv
     from quantvla.policy.model_policy import ModelPolicy
@@ -274,18 +274,17 @@ def _official_episode(family: str, folder: str, blank_images: bool = False):
 
 
 @pytest.mark.libero
-@pytest.mark.parametrize("family, folder", [("pi05", "pi05-tiny-state"), ("gr00t-n15", "gr00t-n15-tiny-state"),
-                                            ("gr00t-n15", "gr00t-n15-tiny-vision")])
-def test_shipped_policy_succeeds_on_an_official_init_state(family, folder):
+@pytest.mark.parametrize("folder", ["pi05-tiny-state", "gr00t-n15-tiny-state", "gr00t-n15-tiny-vision"])
+def test_shipped_policy_succeeds_on_an_official_init_state(folder):
     """The FP policy, through the real runner and its family's protocol, on libero_object."""
-    r = _official_episode(family, folder)
+    r = _official_episode(folder)
     assert r.success, r
 
 
 @pytest.mark.libero
 def test_the_shipped_seeing_policy_fails_with_its_cameras_blanked():
     """The episode it succeeds on above, with every camera image black: it uses its eyes."""
-    r = _official_episode("gr00t-n15", "gr00t-n15-tiny-vision", blank_images=True)
+    r = _official_episode("gr00t-n15-tiny-vision", blank_images=True)
     assert not r.success and r.failure == "timeout", r  # a plain miss, not a policy or simulator error
 
 
