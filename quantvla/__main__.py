@@ -119,7 +119,7 @@ def _libero(args) -> int:
     try:
         report = paired.run(args.model, args.size, args.checkpoint, quantizers, suites, args.episodes, args.seed,
                             args.margin, out, max_steps=args.max_steps, should_stop=lambda: bool(stop),
-                            blank_images=args.blank_images)
+                            blank_images=args.blank_images, fp_from=Path(args.fp_from) if args.fp_from else None)
     except KeyboardInterrupt:
         report = {"partial": True}
     finally:
@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     lib.add_argument("--forward", choices=["eager", "fused"], default="eager",
                      help="QuantLinear's CPU forward: eager (the reference) or fused (one C++ call per layer, "
                           "bit-identical, compiled on first use; quantvla/quant/fused.py)")
+    lib.add_argument("--fp-from", metavar="REPORT",
+                     help="reuse the FP episodes of an earlier report of the same run (same model, checkpoint, "
+                          "seed, options): only the quantized arms run, and the first FP episode is rerun as a check")
     lib.add_argument("--json", default="libero-report.json")
     lib.add_argument("--allow-inconclusive", action="store_true",
                      help="exit 0 when a gate is inconclusive (underpowered, simulator errors); a failing one still "

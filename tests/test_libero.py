@@ -128,6 +128,37 @@ def test_cli_writes_the_table_and_a_json_report(tmp_path):
     assert report["episodes"][0]["fp"]["steps"] == 5
 
 
+def test_cli_reuses_an_earlier_reports_fp_episodes_and_checks_they_are_this_runs(tmp_path, capsys):
+    """--fp-from: a new quantizer row without rerunning FP. The reused episodes are the recorded
+    ones (wall times and all), the first is rerun as a check, and a report of another run, one
+    too short, or one whose first FP episode does not rerun the same is one clear error."""
+    import json
+
+    from quantvla.__main__ import main
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    base = ["libero", "--model", "pi05", "--suites", "spatial", "--episodes", "3", "--max-steps", "5",
+            "--allow-inconclusive"]
+    assert main([*base, "--json", str(first)]) == 0
+    assert main([*base, "--quantizer", "rtn-w4a4", "--fp-from", str(first), "--json", str(second)]) == 0
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert b["fp_from"] == str(first) and b["quantizers"] == ["rtn-w4a4"]
+    assert [e["fp"] for e in b["episodes"][1:]] == [e["fp"] for e in a["episodes"][1:]]  # reused, not rerun
+    assert b["episodes"][0]["fp"]["wall_s"] != a["episodes"][0]["fp"]["wall_s"]  # rerun
+    assert b["episodes"][0]["fp"]["steps"] == a["episodes"][0]["fp"]["steps"]
+    capsys.readouterr()
+
+    third = tmp_path / "third.json"
+    assert main([*base, "--seed", "1", "--fp-from", str(first), "--json", str(third)]) == 2
+    assert "comes from another run (seed 0 here 1)" in capsys.readouterr().err
+    assert main([*base[:6], "4", *base[7:], "--fp-from", str(first), "--json", str(third)]) == 2
+    assert "no FP episode for 1 of the 4 pairs" in capsys.readouterr().err
+    a["episodes"][0]["fp"]["steps"] = 4  # as if recorded from another checkpoint under the same path
+    first.write_text(json.dumps(a))
+    assert main([*base, "--fp-from", str(first), "--json", str(third)]) == 2
+    assert "the first FP episode, rerun, gives" in capsys.readouterr().err
+    assert not third.exists()
+
+
 def test_recording_replays_the_same_episode_into_a_gif(protocol, tmp_path):
     from PIL import Image
     env = TaskEnv("libero_spatial", 0, protocol)

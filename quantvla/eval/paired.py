@@ -21,11 +21,13 @@ SUITE_NAMES = {"spatial": "libero_spatial", "object": "libero_object", "goal": "
 
 def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str], suites: list[str], episodes: int,
         seed: int, margin: float, out: Path, max_steps: int | None = None, log=print,
-        should_stop=lambda: False, blank_images: bool = False) -> dict:
+        should_stop=lambda: False, blank_images: bool = False, fp_from: Path | None = None) -> dict:
     """Each episode runs the FP model once and every quantized model on the same task, init state
     and seed; each quantizer's gate is decided per suite against the FP outcomes. `should_stop()`
     is asked after every pair: True ends the run there, with the report left "partial".
-    `blank_images` (an ablation for policies that see): every arm's cameras read as black."""
+    `blank_images` (an ablation for policies that see): every arm's cameras read as black.
+    `fp_from`: an earlier report of the same run whose FP episodes are reused instead of rerun
+    (a new quantizer row at half the cost); its first FP episode is rerun and must match."""
     from quantvla import preset, quantize
     from quantvla.eval.libero import TaskEnv
     from quantvla.eval.protocols import protocol_for
@@ -41,12 +43,18 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
         what = f"the policy in {bundle.path} reads object-state tokens" if bundle else "this is not a trained policy"
         raise QuantVLAError(f"--blank-images: {what}; the ablation is for a trained policy that sees (config "
                             "tiny-vision, passed as --checkpoint <folder>)")
-    models = {"fp": fp} | {name: quantize(fp, calibration, preset(name)) for name in quantizers}
     protocol = bundle.protocol() if bundle is not None else protocol_for(model_name)
     report = {"model": model_name, "config": bundle.meta["config_name"] if bundle else size, "checkpoint": checkpoint,
               "quantizers": quantizers, "seed": seed, "protocol": protocol.name, "render": protocol.render,
-              "blank_images": blank_images, "margin": margin,
+              "blank_images": blank_images, "max_steps": max_steps, "margin": margin,
               "partial": True, "episodes": [], "gates": {name: {} for name in quantizers}}
+    recorded = None
+    if fp_from is not None:
+        wanted = [(suite, tasks[k % len(tasks)], k // len(tasks))
+                  for suite in suites for tasks in [task_list(bundle, suite)] for k in range(episodes)]
+        recorded = recorded_fp(fp_from, report, wanted)
+        report["fp_from"] = str(fp_from)
+    models = {"fp": fp} | {name: quantize(fp, calibration, preset(name)) for name in quantizers}
     for suite in suites:
         tasks = task_list(bundle, suite)
         envs: dict[int, TaskEnv] = {}
@@ -56,9 +64,14 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
                 env = envs.get(task) or envs.setdefault(task, TaskEnv(suite, task, protocol))
                 row = {"suite": suite, "task": task, "init": init_index, "quantized": {}}
                 for label, model in models.items():
+                    if label == "fp" and recorded is not None and report["episodes"]:
+                        row["fp"] = recorded[(suite, task, init_index)]
+                        continue
                     r = env.run_episode(init_index, ModelPolicy.for_task(model, env, seed=seed, bundle=bundle,
                                                                              blank_images=blank_images),
                                         seed=protocol.seed, max_steps=max_steps).to_dict()
+                    if label == "fp" and recorded is not None:  # the first FP episode, rerun: is it the same run?
+                        check_rerun(r, recorded[(suite, task, init_index)], fp_from)
                     if label == "fp":
                         row["fp"] = r
                     else:
@@ -84,6 +97,43 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
     write_json_atomic(out, report)
     _print_table(report, log)
     return report
+
+
+# what must agree for an earlier report's FP episodes to stand in for this run's
+_SAME_RUN = ("model", "config", "checkpoint", "seed", "protocol", "render", "blank_images", "max_steps")
+
+
+def _outcome(r: dict) -> tuple:
+    return r["success"], r["steps"], r["queries"], r["failure"]
+
+
+def recorded_fp(path: Path, report: dict, wanted: list[tuple[str, int, int]]) -> dict:
+    """The FP episodes of the earlier report at `path`, by (suite, task, init), for each of `wanted`;
+    one clear error when the report is unreadable, from another run, or lacks an episode."""
+    import json
+    try:
+        earlier = json.loads(Path(path).read_text())
+        episodes = {(e["suite"], e["task"], e["init"]): e["fp"] for e in earlier["episodes"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QuantVLAError(f"--fp-from {path}: not a report written by `python -m quantvla libero` ({e})") from None
+    differ = [f"{k} {earlier.get(k)!r} here {report[k]!r}" for k in _SAME_RUN if earlier.get(k) != report[k]]
+    if differ:
+        raise QuantVLAError(f"--fp-from {path}: that report comes from another run ({'; '.join(differ)}); "
+                            "reuse FP episodes only with the same model, checkpoint, seed and options")
+    missing = [w for w in wanted if w not in episodes]
+    if missing:
+        raise QuantVLAError(f"--fp-from {path}: it has no FP episode for {len(missing)} of the {len(wanted)} pairs "
+                            f"asked for (first: {missing[0]}); ask for at most the episodes it ran")
+    return {w: episodes[w] for w in wanted}
+
+
+def check_rerun(fresh: dict, recorded: dict, path: Path | None) -> None:
+    """The first FP episode is rerun: a different outcome means the recorded FP arm is not this run's
+    (another checkpoint under the same path, another simulator or torch build) and must not be reused."""
+    if _outcome(fresh) != _outcome(recorded):
+        raise QuantVLAError(f"--fp-from {path}: the first FP episode, rerun, gives (success, steps, queries, "
+                            f"failure) {_outcome(fresh)} where the report recorded {_outcome(recorded)}; its FP arm "
+                            "is not reproducible here, so run without --fp-from")
 
 
 def task_list(bundle, suite: str) -> list[int]:
