@@ -245,18 +245,19 @@ def test_shipped_policy_loads_with_its_record(family):
     assert roles[[n for n in roles if n.endswith("object_state_proj")][0]] == "vision"  # kept in FP like a camera
 
 
-def test_shipped_seeing_policy_is_what_train_tiny_builds_and_reads_no_object_state():
-    """gr00t-n15-tiny-vision: the committed tiny-vision config is its config (so its recorded
-    train-tiny command rebuilds it), it reads both cameras and the state, and no object tokens."""
-    from quantvla.models import gr00t_n15
+@pytest.mark.parametrize("family", ["pi05", "gr00t-n15"])
+def test_shipped_seeing_policy_is_what_train_tiny_builds_and_reads_no_object_state(family):
+    """<family>-tiny-vision: the committed tiny-vision config is its config (so its recorded
+    train-tiny command rebuilds it), it reads both cameras (and the state), and no object tokens."""
+    from quantvla import families
     from quantvla.policy.bundle import config_from_dict
 
-    bundle = load_bundle(POLICIES / "gr00t-n15-tiny-vision")
+    bundle = load_bundle(POLICIES / f"{family}-tiny-vision")
     assert bundle.sees and bundle.meta["config_name"] == "tiny-vision"
-    assert config_from_dict("gr00t-n15", bundle.meta["config"]) == gr00t_n15.TINY_VISION
+    assert config_from_dict(family, bundle.meta["config"]) == families.get(family).configs["tiny-vision"]
     assert bundle.model.config.num_images == 2 and bundle.model.config.num_objects == 0
-    assert bundle.meta["command"].startswith("python -m quantvla train-tiny --model gr00t-n15 ")
-    assert "--out golden/policies/gr00t-n15-tiny-vision " in bundle.meta["command"]
+    assert bundle.meta["command"].startswith(f"python -m quantvla train-tiny --model {family} ")
+    assert f"--out golden/policies/{family}-tiny-vision " in bundle.meta["command"]
 
 
 def _official_episode(folder: str, blank_images: bool = False):
@@ -274,7 +275,8 @@ def _official_episode(folder: str, blank_images: bool = False):
 
 
 @pytest.mark.libero
-@pytest.mark.parametrize("folder", ["pi05-tiny-state", "gr00t-n15-tiny-state", "gr00t-n15-tiny-vision"])
+@pytest.mark.parametrize("folder", ["pi05-tiny-state", "gr00t-n15-tiny-state", "pi05-tiny-vision",
+                                    "gr00t-n15-tiny-vision"])
 def test_shipped_policy_succeeds_on_an_official_init_state(folder):
     """The FP policy, through the real runner and its family's protocol, on libero_object."""
     r = _official_episode(folder)
@@ -282,9 +284,10 @@ def test_shipped_policy_succeeds_on_an_official_init_state(folder):
 
 
 @pytest.mark.libero
-def test_the_shipped_seeing_policy_fails_with_its_cameras_blanked():
+@pytest.mark.parametrize("folder", ["pi05-tiny-vision", "gr00t-n15-tiny-vision"])
+def test_the_shipped_seeing_policy_fails_with_its_cameras_blanked(folder):
     """The episode it succeeds on above, with every camera image black: it uses its eyes."""
-    r = _official_episode("gr00t-n15-tiny-vision", blank_images=True)
+    r = _official_episode(folder, blank_images=True)
     assert not r.success and r.failure == "timeout", r  # a plain miss, not a policy or simulator error
 
 
