@@ -50,8 +50,10 @@ def run(model_name: str, size: str, checkpoint: str | None, quantizers: list[str
               "partial": True, "episodes": [], "gates": {name: {} for name in quantizers}}
     recorded = None
     if fp_from is not None:
-        wanted = [(suite, tasks[k % len(tasks)], k // len(tasks))
-                  for suite in suites for tasks in [task_list(bundle, suite)] for k in range(episodes)]
+        wanted = []  # (suite, task, init) of every pair this run asks for, in the loop's order below
+        for suite in suites:
+            tasks = task_list(bundle, suite)
+            wanted += [(suite, tasks[k % len(tasks)], k // len(tasks)) for k in range(episodes)]
         recorded = recorded_fp(fp_from, report, wanted)
         report["fp_from"] = str(fp_from)
     models = {"fp": fp} | {name: quantize(fp, calibration, preset(name)) for name in quantizers}
