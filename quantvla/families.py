@@ -147,10 +147,7 @@ def _builtin() -> None:
         configs={"tiny": pi05.TINY, "tiny-state": pi05.TINY_STATE, "tiny-vision": pi05.TINY_VISION,
                  "full": pi05.FULL},
         layouts=pi05.LAYOUTS, protocol="openpi", action_norm="quantile", gripper="signed", flow="noise_at_one",
-        # pi0.5's seeing policy ships (golden/policies/pi05-tiny-vision, FP 42/50) but is not yet the
-        # default subject: on it the teeth suite's "one activation range per tensor" variant passed
-        # every check (docs/policies.md); until a check catches it there, the default stays the state one
-        policies={"trained": "pi05-tiny-state", "trained-state": "pi05-tiny-state"},
+        policies={"trained": "pi05-tiny-vision", "trained-state": "pi05-tiny-state"},
         description="pi0.5 (openpi / LeRobot): PaliGemma + Gemma-300M action expert"))
     register(Family(
         name="gr00t-n15", model=gr00t_n15.GR00TN15,

@@ -43,7 +43,7 @@ def test_each_shipped_policy_subject_loads_the_policy_it_names():
             loaded = families.load_fp(name, size)
             seen[name, size] = (loaded.bundle.path.name, loaded.bundle.sees)
             assert len(loaded.calibration) > 0
-    assert seen == {("pi05", "trained"): ("pi05-tiny-state", False),
+    assert seen == {("pi05", "trained"): ("pi05-tiny-vision", True),
                     ("pi05", "trained-state"): ("pi05-tiny-state", False),
                     ("gr00t-n15", "trained"): ("gr00t-n15-tiny-vision", True),
                     ("gr00t-n15", "trained-state"): ("gr00t-n15-tiny-state", False)}

@@ -4,11 +4,17 @@ activations and Hypothesis-generated adversarial ones (outlier channels, zero ro
   - for QuantLinear (the reference): the analytic bound of quantvla.quant.bounds, element by element;
   - for any other layer type (third-party quantizers): the relative output error allowed for the
     bit-width in reference/layer_error.json;
-and, for every layer, an error budget that does not come from the layer itself: at most
-BUDGET_FACTOR x the relative error the same layer showed when the run's golden was recorded
-(golden key "layer_relative_error"). The analytic bound grows with the layer's own scales, so a
-coarser grid (per-tensor instead of per-channel weight scales, one activation range for all
-tokens) raises its own bound and passes it; the budget does not move with the layer.
+and, for every layer, two tests that do not come from the layer itself:
+  - an error budget: at most BUDGET_FACTOR x the relative error the same layer showed when the
+    run's golden was recorded (golden key "layer_relative_error"). The analytic bound grows with
+    the layer's own scales, so a coarser grid (per-tensor instead of per-channel weight scales)
+    raises its own bound and passes it; the budget does not move with the layer.
+  - batch independence: a token's output may not depend on the other tokens in the batch. Rows
+    scaled by SMALL_ROWS, quantized beside full-size rows, must keep (within BUDGET_FACTOR) the
+    relative error they have alone. A range taken over the whole batch at run time fails it: the
+    small rows fall below one step of the large rows' grid. On policies that see, token ranges
+    are alike enough that such a range stays inside the budget (measured: every layer of both
+    seeing policies), so the budget alone does not catch it.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ BUDGET_FACTOR = 1.25
 # give relative error 0.0128 at every scale from 1e-4 to 1e6 and 0.048 at 1e-6 (single rows 0.075),
 # a documented design choice rather than a fault, and activations that small do not occur in a VLA.
 FOREIGN_SCALES = (1e-2, 1e2)
+# How much smaller the probe's rows are than their neighbours in the batch-independence test. Per-token
+# and static ranges give the same error on them alone and in the batch (ratio 1.000 on every layer of
+# the seeing GR00T); one range over the batch puts them at relative error 1.0 (ratio 24-150).
+SMALL_ROWS = 1e-3
 
 
 @dataclass(kw_only=True)
@@ -59,6 +69,7 @@ class LayerResult(CheckResult):
     limit: float | None  # a foreign layer's allowed relative error (reference/layer_error.json); None: QuantLinear
     budget: float | None
     budget_source: str
+    mixed_batch_ratio: float  # small rows' error beside full-size rows / their error alone
 
     def layer_row(self, layer: str, verdict: str) -> list[Any]:
         """The per-layer table's row (shown with -v)."""
@@ -79,7 +90,7 @@ class LayerResult(CheckResult):
         measured = "-" if not rels else (f"rel. error median {rels[len(rels) // 2]:.4f}, max {rels[-1]:.4f}"
                                          + (f" ({len(rels)} passed)" if failed else "")
                                          + (f"; SQNR >= {sqnr:.1f} dB" if sqnr is not None else ""))
-        return [f"layer_bounds ({len(entries)} layers)", measured, f"{held}; 1.25 x golden's error",
+        return [f"layer_bounds ({len(entries)} layers)", measured, f"{held}; 1.25 x golden's error; batch-independent",
                 "reference/layer_error.json" if foreign else "docs/quantizer.md",
                 "passed" if not failed else f"{failed} failed"]
 
@@ -155,6 +166,32 @@ def _check(layer: torch.nn.Module, lin: torch.nn.Linear, x: torch.Tensor, what: 
     return rel
 
 
+@torch.no_grad()
+def _mixed_batch_ratio(layer: torch.nn.Module, lin: torch.nn.Linear, x: torch.Tensor, name: str) -> float:
+    """Relative error of every other row scaled by SMALL_ROWS, quantized beside the full-size rows, over
+    their error quantized alone; errors are measured against the FP product without the bias, which
+    would otherwise dominate small rows' outputs and hide what the quantizer does to them."""
+    small = x[1::2] * SMALL_ROWS
+    if small.shape[0] == 0 or x.shape[0] < 2:
+        return 1.0
+    mixed = x.clone()
+    mixed[1::2] = small
+    bias = 0.0 if lin.bias is None else lin.bias.to(torch.float64)
+    product = torch.nn.functional.linear(small.to(torch.float64), lin.weight.to(torch.float64))
+
+    def error(out: torch.Tensor) -> float:
+        return relative_error(out.to(torch.float64) - bias, product)
+
+    alone, beside = error(layer(small)), error(layer(mixed)[1::2])
+    ratio = beside / alone if alone > 0 else (1.0 if beside == 0 else float("inf"))
+    if ratio > BUDGET_FACTOR:
+        raise CheckFailed(f"{name}: rows scaled by {SMALL_ROWS:g} have relative output error {beside:.4g} beside "
+                          f"full-size rows but {alone:.4g} alone ({ratio:.3g}x, allowed {BUDGET_FACTOR}x): a token's "
+                          "output depends on the other tokens in the batch (an activation range taken over the "
+                          "batch at run time instead of per token or calibrated once)")
+    return ratio
+
+
 def layer_bounds(run: RunConfig, name: str) -> LayerResult:
     s = subject(run)
     lin, layer = _linear(s.fp, name), s.quantized.get_submodule(name)
@@ -165,6 +202,7 @@ def layer_bounds(run: RunConfig, name: str) -> LayerResult:
         raise CheckFailed(f"{name}: relative output error {rel:.4g} on calibration activations is over its budget "
                           f"{BUDGET_FACTOR} x {budget:.4g} (the error this layer had when {source} was recorded); "
                           "a coarser grid or a broken transform, or regenerate the golden if the change is meant")
+    ratio = _mixed_batch_ratio(layer, lin, x, name)
     worst = {"rel": 0.0}
 
     @settings(max_examples=ADVERSARIAL_EXAMPLES, derandomize=True, database=None, deadline=None,
@@ -187,7 +225,8 @@ def layer_bounds(run: RunConfig, name: str) -> LayerResult:
     return LayerResult(relative_error=round(rel, 6), sqnr_db=None if sqnr is None else round(sqnr, 2),
                        limit=None if isinstance(layer, QuantLinear) else _allowed_relative_error(run.bits),
                        worst_adversarial_relative_error=round(worst["rel"], 6),
-                       budget=None if budget is None else round(BUDGET_FACTOR * budget, 6), budget_source=source)
+                       budget=None if budget is None else round(BUDGET_FACTOR * budget, 6), budget_source=source,
+                       mixed_batch_ratio=round(ratio, 4))
 
 
 def checks(run: RunConfig) -> Iterator[Check]:
