@@ -14,6 +14,7 @@ from quantvla.quant.config import ActQuantConfig, DuQuantConfig, LinearQuantConf
 
 LAYOUT_QUANTVLA = ("llm", "dit_mlp")  # all LLM linears + the DiT MLPs; DiT attention stays FP
 LAYOUT_FULL = ("llm", "dit_mlp", "dit_attn")  # every LLM and DiT linear (the paper's failing row)
+LAYOUT_VISION = ("vision", "llm", "dit_mlp")  # QuantVLA's layout plus the vision tower and projector
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ PRESETS: dict[str, QuantConfig] = {p.name: p for p in [
     QuantConfig("duquant-full-w4a8", _linear(4, 8, _DUQUANT), roles=LAYOUT_FULL, atm=False, ohb=False),
     # quantvla-w4a8 without ATM/OHB: what the two calibrated scalars add
     QuantConfig("layout-only-w4a8", _linear(4, 8, _DUQUANT, rounding="gptq"), atm=False, ohb=False),
+    # opt-in, beyond the paper (which keeps the vision tower in float): quantvla-w4a8 over the vision
+    # tower and its projector too
+    QuantConfig("quantvla-w4a8-vision", _linear(4, 8, _DUQUANT, rounding="gptq"), roles=LAYOUT_VISION),
 ]}
 
 
@@ -89,4 +93,5 @@ def preset_name(quantizer: str, bits: str) -> str:
     return f"{REFERENCE}-{bits}" if quantizer == REFERENCE else quantizer
 
 
-__all__ = ["QuantConfig", "PRESETS", "preset", "preset_name", "REFERENCE", "LAYOUT_QUANTVLA", "LAYOUT_FULL"]
+__all__ = ["QuantConfig", "PRESETS", "preset", "preset_name", "REFERENCE", "LAYOUT_QUANTVLA", "LAYOUT_FULL",
+           "LAYOUT_VISION"]

@@ -48,6 +48,24 @@ def test_selected_layers_become_integer_layers_and_the_teacher_is_untouched(setu
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_vision_preset_quantizes_the_tower_and_the_model_still_runs(family):
+    # the models read their compute dtype from linear weights; a quantized vision tower has none
+    torch.manual_seed(0)
+    model = build(family, "tiny")
+    buf = CalibrationBuffer.synthetic(model, 4, seed=0)
+    q = quantize(model, buf, "quantvla-w4a8-vision")
+    roles = model.linear_roles()
+    quantized = {n for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    vision = {n for n in quantized if roles[n] == "vision"}
+    assert vision == {n for n, r in roles.items() if r == "vision"} and vision
+    with torch.no_grad():
+        fp_actions = model.sample_actions(buf.inputs[0], noise=buf.noise[0])
+        q_actions = q.sample_actions(buf.inputs[0], noise=buf.noise[0])
+    assert torch.isfinite(q_actions).all() and q_actions.shape == fp_actions.shape
+    assert not torch.equal(q_actions, fp_actions)
+
+
 def test_the_student_shares_what_it_does_not_change(setup):
     """No second FP model: every tensor the quantizer leaves alone views the teacher's storage; the
     attention projections ATM/OHB fold into are the student's own; converting the student leaves

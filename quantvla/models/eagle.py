@@ -38,7 +38,7 @@ class EagleBackbone(nn.Module):
     def forward(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """-> VL features [B, T, 2048] (after the final norm) and their padding mask."""
         em, c = self.eagle_model, self.config
-        dt = em.mlp1[0].weight.dtype
+        dt = em.language_model.model.embed_tokens.weight.dtype  # the LLM's; mlp1 is cast with it
         parts, masks = [], []
         for i in range(inputs.images.shape[1]):
             img = inputs.images[:, i].to(em.vision_model.vision_model.embeddings.patch_embedding.weight.dtype)

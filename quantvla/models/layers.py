@@ -71,6 +71,13 @@ def apply_dtype_policy(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
     return model
 
 
+def weight_dtype(layer: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype a layer's float weight is kept in, or `default` where it has none (a quantized layer
+    keeps integers and takes any float input: the models feed it what they would otherwise cast to)."""
+    weight = getattr(layer, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else default
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding, HF "rotate_half" convention. x [B, H, T, D], positions [B, T]."""
     d = x.shape[-1]

@@ -25,6 +25,7 @@ from quantvla.models.layers import (
     observe_output,
     rope,
     sinusoidal,
+    weight_dtype,
 )
 from quantvla.models.observation import ModelInputs, initial_noise
 from quantvla.models.protocol import AttentionSite, Role
@@ -245,7 +246,7 @@ class PI05(nn.Module):
         for i in range(inputs.images.shape[1]):
             img = inputs.images[:, i].to(pg.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype)
             feats = pg.vision_tower(img)
-            feats = pg.multi_modal_projector.linear(feats.to(pg.multi_modal_projector.linear.weight.dtype)).to(dt)
+            feats = pg.multi_modal_projector.linear(feats.to(weight_dtype(pg.multi_modal_projector.linear, dt))).to(dt)
             parts.append(feats)
             masks.append(inputs.image_mask[:, i: i + 1].expand(-1, feats.shape[1]))
         if self.object_state_proj is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantvla.models.layers import LayerNorm, attend, gelu_tanh
+from quantvla.models.layers import LayerNorm, attend, gelu_tanh, weight_dtype
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class SiglipVisionTransformer(nn.Module):
 
     def forward(self, images):
         x = self.embeddings(images)  # fp32 under the dtype policy; the layers may be bf16
-        return self.post_layernorm(self.encoder(x.to(self.encoder.layers[0].mlp.fc1.weight.dtype)))
+        return self.post_layernorm(self.encoder(x.to(weight_dtype(self.encoder.layers[0].mlp.fc1, x.dtype))))
 
 
 class SiglipVisionModel(nn.Module):
