@@ -7,7 +7,7 @@ A model (ours or a third party's) exposes two methods:
           "llm"       the language backbone's linears (quantized in the QuantVLA layout)
           "dit_mlp"   the action head's MLP linears (quantized)
           "dit_attn"  the action head's attention projections q/k/v/o (kept in floating point)
-          "vision"    vision tower and projector (kept)
+          "vision"    vision tower and projector (kept; quantized only by the opt-in quantvla-w4a8-vision)
           "other"     embeddings' projections, time/state/action encoders, adaptive-norm denses (kept)
 
     attention_sites() -> list[AttentionSite]
