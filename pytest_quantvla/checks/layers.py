@@ -171,9 +171,9 @@ def _mixed_batch_ratio(layer: torch.nn.Module, lin: torch.nn.Linear, x: torch.Te
     """Relative error of every other row scaled by SMALL_ROWS, quantized beside the full-size rows, over
     their error quantized alone; errors are measured against the FP product without the bias, which
     would otherwise dominate small rows' outputs and hide what the quantizer does to them."""
-    small = x[1::2] * SMALL_ROWS
-    if small.shape[0] == 0 or x.shape[0] < 2:
+    if x.shape[0] < 2:  # no neighbour to depend on
         return 1.0
+    small = x[1::2] * SMALL_ROWS
     mixed = x.clone()
     mixed[1::2] = small
     bias = 0.0 if lin.bias is None else lin.bias.to(torch.float64)
