@@ -14,7 +14,7 @@ from quantvla.quant.config import ActQuantConfig, DuQuantConfig, LinearQuantConf
 
 LAYOUT_QUANTVLA = ("llm", "dit_mlp")  # all LLM linears + the DiT MLPs; DiT attention stays FP
 LAYOUT_FULL = ("llm", "dit_mlp", "dit_attn")  # every LLM and DiT linear (the paper's failing row)
-LAYOUT_VISION = ("vision", "llm", "dit_mlp")  # QuantVLA's layout plus the vision tower and projector
+LAYOUT_VISION = ("vision", *LAYOUT_QUANTVLA)  # QuantVLA's layout plus the vision tower and projector
 
 
 @dataclass(frozen=True)
